@@ -1,0 +1,41 @@
+"""shmreg: an ETS-style hash table in shared memory for Python processes on one host.
+
+>>> import shmreg
+>>> t = shmreg.Table("jobs")          # open, or create if missing
+>>> t["job-1"] = {"state": "queued"}
+>>> t.update_counter("jobs:done")
+1
+"""
+
+from shmreg._core import MISSING
+from shmreg.errors import (
+    AlreadyRegisteredError,
+    CorruptTableError,
+    Error,
+    IncompatibleTableError,
+    NoSpaceError,
+    TableExistsError,
+    TableFullError,
+    TableNotFoundError,
+    ValueTooLargeError,
+)
+from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, unlink
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Table",
+    "unlink",
+    "list_tables",
+    "MISSING",
+    "DEFAULT_CAPACITY",
+    "Error",
+    "TableExistsError",
+    "TableNotFoundError",
+    "TableFullError",
+    "ValueTooLargeError",
+    "IncompatibleTableError",
+    "CorruptTableError",
+    "NoSpaceError",
+    "AlreadyRegisteredError",
+]

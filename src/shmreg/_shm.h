@@ -1,0 +1,236 @@
+/*
+ * shmreg shared-memory layout and the few primitives that are easier to say
+ * in C than in Cython: atomics and fences, the keyed hash, robust mutexes and
+ * the crash-point hook.  The layout is a contract between processes: change a
+ * struct here and SHMREG_LAYOUT must change too.
+ *
+ * All references inside the segment are byte offsets, never pointers: every
+ * process maps the segment at a different address.
+ */
+#ifndef SHMREG_SHM_H
+#define SHMREG_SHM_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+#include <sched.h>
+#include <time.h>
+
+#define SHMREG_MAGIC 0x3147455220484d53ULL /* "SMH REG1" little endian */
+#define SHMREG_LAYOUT 1
+#define SHMREG_HEADER_SIZE 4096
+#define SHMREG_NPROCS 1024
+#define SHMREG_NBINS 64
+
+/* Robust mutexes let the next locker learn that the holder died (EOWNERDEAD).
+ * macOS has none: there a writer killed mid-write leaves its shard locked; the
+ * build still works, the crash guarantee is Linux/FreeBSD only. */
+#if defined(__linux__) || defined(__FreeBSD__)
+#define SHMREG_HAVE_ROBUST 1
+#else
+#define SHMREG_HAVE_ROBUST 0
+#endif
+
+/* ---- layout ------------------------------------------------------------ */
+
+typedef struct {
+    uint64_t magic;          /* written last by the creator */
+    uint32_t layout;
+    uint32_t header_size;
+    uint64_t total_size;
+    uint32_t nshards;        /* power of two */
+    uint32_t shard_bits;
+    uint32_t slots;          /* index slots per shard */
+    uint32_t max_fill;       /* count + tombstones allowed per shard */
+    uint64_t arena_size;     /* item bytes per shard */
+    uint64_t capacity;       /* as asked at creation */
+    uint64_t memory;         /* as asked at creation */
+    uint64_t seed0, seed1;   /* keyed hash: Python's hash() differs per process */
+    uint64_t procs_off, shards_off, index_off, arena_off;
+    uint32_t nprocs, proc_size, shard_size, bins;
+    uint64_t creator_pid, creator_start;
+    uint64_t created_unix_ns;
+    /* watcher lease (owner/watcher work); part of layout 1 so it needs no
+     * layout change. */
+    uint64_t lease_pid, lease_start, lease_until_ns, lease_gen;
+    uint64_t reserved[32];
+} shm_header_t;
+
+/* One slot per attached process that owns entries.  Entries name their owner
+ * by (slot, generation), never by raw pid, so pid reuse cannot misattribute. */
+typedef struct {
+    uint32_t state;          /* 0 free, 1 claiming, 2 live, 3 dead (reaping) */
+    uint32_t gen;
+    uint64_t pid;
+    uint64_t start_time;     /* process start, clock ticks since boot */
+    uint64_t pidns;          /* pid namespace inode, 0 if unknown */
+    uint64_t reserved[4];
+} shm_proc_t;
+
+typedef struct {
+    union { pthread_mutex_t m; char pad[64]; } lock;
+    uint64_t seq;            /* seqlock: odd while a writer changes what readers see */
+    uint64_t flags;          /* SHARD_REBUILDING while the index is rebuilt */
+    uint64_t top;            /* arena bytes carved into blocks (bump pointer) */
+    uint64_t used;           /* bytes in USED blocks */
+    uint32_t count;          /* live index entries (expired ones included) */
+    uint32_t tombs;          /* tombstones in the index */
+    uint32_t nttl;           /* entries with an expiry */
+    uint32_t nowned;         /* entries with an owner */
+    uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full;
+    uint64_t reserved[14];
+    uint64_t bins[SHMREG_NBINS];   /* free-list heads, arena offsets, NIL = empty */
+} shm_shard_t;
+
+/* Every block in a shard's arena starts with this header, so the arena can be
+ * walked block by block.  Word 0 (size, klen, types, flags) is always written
+ * with one 8-byte store: a split or merge is then atomic for the walker. */
+typedef struct {
+    uint32_t size;           /* whole block, multiple of 8 */
+    uint16_t klen;
+    uint8_t  types;          /* key type (low nibble), value type (high nibble) */
+    uint8_t  flags;          /* BLOCK_USED */
+    uint32_t vlen;
+    uint32_t owner;          /* 0 = none, else (slot + 1) | gen << 12 */
+    uint64_t expires;        /* CLOCK_MONOTONIC ns, 0 = never */
+    /* value (8-aligned, so an int64 counter is updated with one store), then key */
+} shm_item_t;
+
+#define ITEM_HDR 24
+#define BLOCK_MIN 32
+#define BLOCK_USED 1
+#define SHARD_REBUILDING 1
+#define NIL UINT64_MAX
+
+/* Index slot: bit 63 clock (reference) bit, bits 48-62 tag, bits 0-47 offset+8.
+ * offset field 0 = empty, 1 = tombstone. */
+#define SLOT_OFFMASK 0x0000FFFFFFFFFFFFULL
+#define SLOT_TAGMASK 0x7FFF000000000000ULL
+#define SLOT_CLOCK   0x8000000000000000ULL
+#define SLOT_EMPTY 0ULL
+#define SLOT_TOMB  1ULL
+
+typedef char shm_assert_item[(sizeof(shm_item_t) == ITEM_HDR) ? 1 : -1];
+typedef char shm_assert_mutex[(sizeof(pthread_mutex_t) <= 64) ? 1 : -1];
+typedef char shm_assert_proc[(sizeof(shm_proc_t) == 64) ? 1 : -1];
+typedef char shm_assert_hdr[(sizeof(shm_header_t) <= SHMREG_HEADER_SIZE) ? 1 : -1];
+
+/* ---- atomics ----------------------------------------------------------- */
+
+static inline uint64_t shm_load_acq(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t shm_load_rlx(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void shm_store_rel(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void shm_store_rlx(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline void shm_fence_acq(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void shm_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+static inline void shm_fence_seq(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline uint32_t shm_load32_rlx(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void shm_or_rlx(uint64_t *p, uint64_t v) { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+
+/* Seqlock writer: seq odd, then (release) the data stores, then seq even. */
+static inline void shm_seq_begin(uint64_t *seq) {
+    __atomic_store_n(seq, __atomic_load_n(seq, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+static inline void shm_seq_end(uint64_t *seq) {
+    __atomic_store_n(seq, __atomic_load_n(seq, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE);
+}
+
+static inline void shm_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- keyed hash -------------------------------------------------------- */
+/* A wyhash-style multiply-fold hash keyed by the segment's seed.  Not a MAC,
+ * but an attacker who cannot read the segment cannot aim keys at one shard. */
+
+static inline uint64_t shm_mix(uint64_t a, uint64_t b) {
+    __uint128_t r = (__uint128_t)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+static inline uint64_t shm_rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static inline uint64_t shm_hash(const unsigned char *p, size_t n, unsigned ktype,
+                                uint64_t s0, uint64_t s1) {
+    uint64_t h = s0 ^ ((uint64_t)n * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)ktype << 56);
+    while (n >= 16) {
+        h = shm_mix(shm_rd64(p) ^ s1 ^ 0xa0761d6478bd642fULL, shm_rd64(p + 8) ^ h);
+        p += 16; n -= 16;
+    }
+    if (n >= 8) {
+        h = shm_mix(shm_rd64(p) ^ s1 ^ 0xe7037ed1a0b428dbULL, h ^ 0x8ebc6af09c88c6e3ULL);
+        p += 8; n -= 8;
+    }
+    if (n) {
+        uint64_t t = 0; memcpy(&t, p, n);
+        h = shm_mix(t ^ s1 ^ 0x589965cc75374cc3ULL, h ^ 0x1d8e4e27c47d124fULL);
+    }
+    return shm_mix(h ^ s0, 0x9E3779B97F4A7C15ULL ^ s1);
+}
+
+/* ---- robust process-shared mutex -------------------------------------- */
+
+static int shm_mutex_init(pthread_mutex_t *m) {
+    pthread_mutexattr_t a;
+    int rc = pthread_mutexattr_init(&a);
+    if (rc) return rc;
+    rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+#if SHMREG_HAVE_ROBUST
+    if (!rc) rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+#endif
+    if (!rc) rc = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return rc;
+}
+
+static inline int shm_mutex_consistent(pthread_mutex_t *m) {
+#if SHMREG_HAVE_ROBUST
+    return pthread_mutex_consistent(m);
+#else
+    (void)m; return 0;
+#endif
+}
+
+#ifndef EOWNERDEAD
+#define EOWNERDEAD 130
+#endif
+#ifndef ENOTRECOVERABLE
+#define ENOTRECOVERABLE 131
+#endif
+
+/* ---- clock ------------------------------------------------------------- */
+
+static inline uint64_t shm_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- crash points (tests kill a writer at a named step) ---------------- */
+/* Armed only when SHMREG_CRASH_AT names a step; otherwise one well-predicted
+ * branch per step. */
+static int shm_crash_step = -1;
+static long shm_crash_countdown = 0;
+
+static void shm_crash_hit(void) {
+    if (--shm_crash_countdown <= 0) {
+        kill(getpid(), SIGKILL);
+        for (;;) pause();
+    }
+}
+#define SHM_CRASH_POINT(step) do { \
+    if (__builtin_expect(shm_crash_step == (step), 0)) shm_crash_hit(); } while (0)
+
+static inline void shm_crash_arm(int step, long count) { shm_crash_step = step; shm_crash_countdown = count; }
+
+static inline int shm_add_overflow(long long a, long long b, long long *r) { return __builtin_add_overflow(a, b, r); }
+
+#endif /* SHMREG_SHM_H */

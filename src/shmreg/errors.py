@@ -1,0 +1,60 @@
+"""The shmreg exception tree.
+
+Every error raised by shmreg derives from :class:`Error`; where a Python user
+would naturally catch a builtin (``FileExistsError``, ``ValueError`` ...), the
+shmreg class mixes that builtin in, so both ``except shmreg.Error`` and the
+builtin work.
+"""
+
+__all__ = [
+    "Error",
+    "TableExistsError",
+    "TableNotFoundError",
+    "TableFullError",
+    "ValueTooLargeError",
+    "IncompatibleTableError",
+    "CorruptTableError",
+    "NoSpaceError",
+    "AlreadyRegisteredError",
+]
+
+
+class Error(Exception):
+    """Root of every shmreg error."""
+
+
+class TableExistsError(Error, FileExistsError):
+    """``Table.create`` found a table of that name already."""
+
+
+class TableNotFoundError(Error, FileNotFoundError):
+    """``Table.open`` found no table of that name."""
+
+
+class TableFullError(Error):
+    """No room for another entry (index slots or item memory) and nothing evictable."""
+
+
+class ValueTooLargeError(Error, ValueError):
+    """An item (key + value) larger than one shard's memory can ever hold."""
+
+
+class IncompatibleTableError(Error):
+    """The segment is not a shmreg table, not initialised, or of another layout version."""
+
+
+class CorruptTableError(Error):
+    """An invariant of the shared segment does not hold (see ``Table.check``)."""
+
+
+class NoSpaceError(Error, OSError):
+    """The shared-memory filesystem has no room for a new table of that size."""
+
+
+class AlreadyRegisteredError(Error):
+    """A live process already holds the key in a Registry; ``.pid`` names it."""
+
+    def __init__(self, key, pid):
+        super().__init__(f"{key!r} is already registered by pid {pid}")
+        self.key = key
+        self.pid = pid

@@ -1,0 +1,287 @@
+"""`Table`: the dict-like, ETS-style surface over the Cython core."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from shmreg import _core, _segment
+from shmreg._core import MISSING
+from shmreg.errors import CorruptTableError, TableExistsError, TableNotFoundError
+
+__all__ = ["Table", "DEFAULT_CAPACITY", "default_memory", "unlink", "list_tables"]
+
+#: Entries a table holds when ``capacity`` is not given.
+DEFAULT_CAPACITY = 65_536
+
+
+def default_memory(capacity: int) -> int:
+    """Item bytes reserved when ``memory`` is not given: 256 bytes per entry,
+    at least 16 MiB (so a 64 KiB value always fits a default table)."""
+    return max(16 << 20, 256 * capacity)
+
+
+_live_tables: "weakref.WeakSet[Table]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Read counters are per process: a forked child starts its own.
+    for t in list(_live_tables):
+        t._hits = t._misses = t._read_retries = t._lock_fallbacks = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Table(_core.CoreTable):
+    """A hash table in shared memory, attached by name from any process of
+    this user on this host.
+
+    ``Table(name)`` opens the table, creating it if missing;
+    :meth:`create` insists on a new one and :meth:`open` on an existing one.
+    Geometry (``capacity``, ``memory``, ``shards``) is fixed at creation and
+    ignored when an existing table is opened.
+
+    Keys are ``str``, ``bytes`` or ``int`` (the type is part of the key:
+    ``1`` and ``"1"`` differ).  Values are ``bytes``, ``str``, ``int``,
+    ``float``, ``bool``, ``None`` natively and anything picklable through
+    pickle; they read back equal and of the same type.
+
+    Concurrency: single-key operations are atomic and isolated in every
+    process; reads never take a lock; a traversal (``keys()``, ``items()``,
+    ``select()``) is consistent shard by shard, not one snapshot.
+
+    :param capacity: entries the table is sized for (default 65,536).
+    :param memory: bytes for keys and values (default ``default_memory``).
+    :param shards: power of two, default chosen from capacity and memory.
+    :param mode: file mode of the segment (default ``0o600``: this user).
+    :param clock: for tests: a callable returning monotonic seconds, used
+        for TTLs instead of ``CLOCK_MONOTONIC``.
+
+    >>> with Table("doc-example", capacity=1000) as t:
+    ...     t["a"] = 1
+    ...     t.update_counter("a", 5)
+    ...     t.unlink()
+    6
+    """
+
+    def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
+                 shards: int | None = None, mode: int = 0o600,
+                 clock: Callable[[], float] | None = None, _how: str = "auto") -> None:
+        self.name = _segment.check_name(name)
+        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
+            raise TypeError("capacity must be an int")
+        if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool)):
+            raise TypeError("memory must be an int")
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be callable")
+        while True:
+            if _how in ("auto", "open"):
+                try:
+                    fd = _segment.open_fd(name)
+                except TableNotFoundError:
+                    if _how == "open":
+                        raise
+                else:
+                    try:
+                        self._attach(fd, clock)
+                    finally:
+                        os.close(fd)
+                    break
+            cap = DEFAULT_CAPACITY if capacity is None else capacity
+            mem = default_memory(cap) if memory is None else memory
+            plan = _core.plan_layout(cap, mem, shards)
+            try:
+                _segment.create(name, plan, mode)
+            except TableExistsError:
+                if _how == "create":
+                    raise
+                continue  # lost a creation race: open the winner's table
+            _how = "open"
+        _live_tables.add(self)
+
+    @classmethod
+    def create(cls, name: str, **options: Any) -> "Table":
+        """Create a new table; :raises TableExistsError: the name is taken."""
+        return cls(name, _how="create", **options)
+
+    @classmethod
+    def open(cls, name: str, *, clock: Callable[[], float] | None = None) -> "Table":
+        """Open an existing table; :raises TableNotFoundError: there is none."""
+        return cls(name, clock=clock, _how="open")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the table from this process (idempotent; does not unlink)."""
+        self._close()
+
+    def unlink(self) -> None:
+        """Remove the table's name; attached processes keep working until they close."""
+        _segment.unlink(self.name)
+
+    def __enter__(self) -> "Table":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self):
+        # Pickled for a spawn/forkserver child: the child attaches by name.
+        return (Table.open, (self.name,))
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self)} entries"
+        return f"<shmreg.Table {self.name!r} {state}>"
+
+    @property
+    def path(self) -> str:
+        """Filesystem path of the segment."""
+        return _segment.path_of(self.name)
+
+    @property
+    def capacity(self) -> int:
+        """Entries the table was sized for at creation."""
+        return self._header()["capacity"]
+
+    @property
+    def memory(self) -> int:
+        """Item bytes reserved at creation (spread evenly over the shards)."""
+        return self._header()["memory"]
+
+    # -- dict protocol ---------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        for si in range(self.nshards):
+            yield from self._shard_entries(si, 0)
+
+    def keys(self) -> list:
+        """All keys, as a list (built shard by shard)."""
+        return [k for si in range(self.nshards) for k in self._shard_entries(si, 0)]
+
+    def values(self) -> list:
+        """All values, as a list (built shard by shard)."""
+        return [v for si in range(self.nshards) for v in self._shard_entries(si, 1)]
+
+    def items(self) -> list:
+        """All ``(key, value)`` pairs, as a list (built shard by shard)."""
+        return [kv for si in range(self.nshards) for kv in self._shard_entries(si, 3)]
+
+    def pop(self, key: Any, default: Any = MISSING) -> Any:
+        """Remove ``key`` and return its value (atomic); KeyError if absent
+        and no ``default``."""
+        return self.take(key, default)
+
+    def update(self, other: Mapping | Iterable = (), /, **kwargs: Any) -> None:
+        """Store every pair of ``other`` and ``kwargs`` (each store atomic, the
+        whole update not)."""
+        pairs = other.items() if isinstance(other, Mapping) else other
+        for k, v in pairs:
+            self[k] = v
+        for k, v in kwargs.items():
+            self[k] = v
+
+    # -- ETS operations --------------------------------------------------------
+
+    def compare_and_swap(self, key: Any, expected: Any, new: Any) -> bool:
+        """Replace the value of ``key`` with ``new`` if it currently equals
+        ``expected`` (``==``); return whether it did.  Absent key: False.
+
+        >>> t.set("state", "idle")
+        >>> t.compare_and_swap("state", "idle", "busy")
+        True
+        >>> t.compare_and_swap("state", "idle", "busy")
+        False
+        """
+        while True:
+            raw = self._get_raw(key)
+            if raw is None or _core.decode_raw(*raw) != expected:
+                return False
+            if self._cas_raw(key, raw[0], raw[1], new):
+                return True
+            # Changed between our read and our lock: judge the new value.
+
+    def ttl(self, key: Any) -> float | None:
+        """Seconds until ``key`` expires, or None if it never does.
+        :raises KeyError: absent or expired."""
+        ns = self._ttl_ns(key)
+        return None if ns < 0 else ns / 1e9
+
+    def select(self, prefix: str | bytes | None = None, owner: int | None = None
+               ) -> Iterator[tuple]:
+        """Iterate ``(key, value)`` pairs, optionally only keys starting with
+        ``prefix`` (same type as the keys: ``str`` or ``bytes``).  Shard by
+        shard, like ``items()``."""
+        if owner is not None:
+            raise NotImplementedError("select(owner=) comes with the owner/watcher work")
+        if prefix is not None and not isinstance(prefix, (str, bytes)):
+            raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")
+        for si in range(self.nshards):
+            yield from self._shard_entries(si, 3, prefix)
+
+    def reap(self, pid: int, *, force: bool = False) -> int:
+        """Delete the entries owned by ``pid`` (comes with the owner/watcher work)."""
+        raise NotImplementedError("reap comes with the owner/watcher work")
+
+    # -- introspection ---------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Geometry, usage and counters.
+
+        Shared counters (sets, deletes, repairs ...) are kept by writers under
+        their shard lock; read counters (hits, misses, retries, lock
+        fallbacks) belong to this process, since readers never write shared
+        memory.
+        """
+        h = self._header()
+        s = self._shard_stats()
+        arena_total = h["arena_size"] * h["nshards"]
+        return {
+            "name": self.name,
+            "entries": len(self),
+            "capacity": h["capacity"],
+            "memory": h["memory"],
+            "segment_bytes": h["total_size"],
+            "shards": h["nshards"],
+            "index_slots": h["slots_per_shard"] * h["nshards"],
+            "bytes_used": s["bytes_used"],
+            "bytes_free": arena_total - s["bytes_used"],
+            "max_item_bytes": h["arena_size"],
+            "tombstones": s["tombstones"],
+            "with_ttl": s["with_ttl"],
+            "owned": s["owned"],
+            "sets": s["sets"],
+            "deletes": s["deletes"],
+            "repairs": s["repairs"],
+            "index_rebuilds": s["index_rebuilds"],
+            "coalesces": s["coalesces"],
+            "full_errors": s["full"],
+            "hits": self._hits,
+            "misses": self._misses,
+            "read_retries": self._read_retries,
+            "lock_fallbacks": self._lock_fallbacks,
+            "creator_pid": h["creator_pid"],
+            "layout": h["layout"],
+        }
+
+    def check(self) -> None:
+        """Verify every invariant of every shard (each under its lock): index
+        <-> items, allocator accounting and free lists, counts, no odd seq
+        without a lock holder.  :raises CorruptTableError: naming the first
+        broken invariant."""
+        for si in range(self.nshards):
+            msg = self._check_shard(si)
+            if msg:
+                raise CorruptTableError(msg)
+
+
+def unlink(name: str) -> None:
+    """Remove table ``name`` (see :meth:`Table.unlink`)."""
+    _segment.unlink(name)
+
+
+def list_tables() -> list:
+    """Names of the tables on this host, sorted."""
+    return _segment.list_tables()
