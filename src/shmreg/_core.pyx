@@ -187,7 +187,9 @@ DEF CP_CLEAR_HALF = 12
 
 def _arm_crash_point(spec):
     """Arm the crash hook from ``name`` or ``name:n`` (used at import time)."""
-    name, _, count = spec.partition(":")
+    name, _, count = spec.rpartition(":")
+    if not count.isdigit():
+        name, count = spec, ""
     if name not in CRASH_POINTS:
         raise ValueError(f"unknown crash point {name!r}; known: {', '.join(CRASH_POINTS)}")
     shm_crash_arm(CRASH_POINTS.index(name), int(count or 1))

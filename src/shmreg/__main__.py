@@ -1,0 +1,5 @@
+import sys
+
+from shmreg.cli import main
+
+sys.exit(main())
