@@ -24,7 +24,7 @@ Protocol (DESIGN.md section 4), as built here:
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memcmp, memset
-from libc.stdlib cimport malloc, realloc, free, qsort
+from libc.stdlib cimport malloc, realloc, free, abort
 from libc.errno cimport errno, EBUSY
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromLongLong
@@ -63,6 +63,7 @@ cdef extern from "_shm.h" nogil:
     int ITEM_HDR, BLOCK_MIN, BLOCK_USED, SHARD_REBUILDING
     uint64_t NIL, SLOT_OFFMASK, SLOT_TAGMASK, SLOT_CLOCK, SLOT_EMPTY, SLOT_TOMB
     int EOWNERDEAD, ENOTRECOVERABLE
+    int SHM_DEBUG
 
     ctypedef struct shm_header_t:
         uint64_t magic
@@ -113,7 +114,7 @@ cdef extern from "_shm.h" nogil:
     int shm_mutex_consistent(pthread_mutex_t *m)
     uint64_t shm_now_ns()
     void SHM_CRASH_POINT(int step)
-    void shm_crash_arm(int step, long count)
+    void shm_crash_arm(int step, long count, int stop)
     bint shm_add_overflow(long long a, long long b, long long *r)
 
 cdef extern from "<sched.h>" nogil:
@@ -185,18 +186,22 @@ DEF CP_REBUILD_HALF = 11
 DEF CP_CLEAR_HALF = 12
 
 
-def _arm_crash_point(spec):
-    """Arm the crash hook from ``name`` or ``name:n`` (used at import time)."""
+def _arm_crash_point(spec, stop=False):
+    """Arm the crash hook from ``name`` or ``name:n``: SIGKILL this process the
+    n-th time it reaches that step (with ``stop``: SIGSTOP it there instead,
+    once, and carry on after SIGCONT).  Armed at import from
+    ``SHMREG_CRASH_AT`` (and ``SHMREG_CRASH_SIGNAL=STOP``)."""
     name, _, count = spec.rpartition(":")
     if not count.isdigit():
         name, count = spec, ""
     if name not in CRASH_POINTS:
         raise ValueError(f"unknown crash point {name!r}; known: {', '.join(CRASH_POINTS)}")
-    shm_crash_arm(CRASH_POINTS.index(name), int(count or 1))
+    shm_crash_arm(CRASH_POINTS.index(name), int(count or 1), 1 if stop else 0)
 
 
 if os.environ.get("SHMREG_CRASH_AT"):
-    _arm_crash_point(os.environ["SHMREG_CRASH_AT"])
+    _arm_crash_point(os.environ["SHMREG_CRASH_AT"],
+                     os.environ.get("SHMREG_CRASH_SIGNAL", "KILL").upper() == "STOP")
 
 LAYOUT_VERSION = SHMREG_LAYOUT
 HEADER_SIZE = SHMREG_HEADER_SIZE
@@ -570,12 +575,6 @@ cdef inline uint64_t make_word0(uint64_t size, uint64_t klen, uint64_t types, ui
     return size | (klen << 32) | (types << 48) | (flags << 56)
 
 
-cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
-    cdef uint64_t x = (<const uint64_t *>a)[0]
-    cdef uint64_t y = (<const uint64_t *>b)[0]
-    return -1 if x < y else (1 if x > y else 0)
-
-
 
 class _Missing:
     __slots__ = ()
@@ -805,6 +804,12 @@ cdef class CoreTable:
         raise OSError(rc, "pthread_mutex_lock: " + os.strerror(rc))
 
     cdef inline void unlock(self, uint32_t si) noexcept nogil:
+        cdef CheckErr e
+        if SHM_DEBUG:
+            # Debug build: every critical section must leave the shard valid.
+            self.check_locked(si, &e)
+            if e.code:
+                abort()
         pthread_mutex_unlock(&self.shard(si).lock.m)
 
     cdef int repair(self, uint32_t si) noexcept nogil:
@@ -1140,20 +1145,20 @@ cdef class CoreTable:
                     return ST_NO
         elif mode == PUT_CAS:
             return ST_NO
-        else:
-            if ins < 0 or sh.count + sh.tombs >= self.max_fill:
-                if sh.tombs == 0 or sh.count >= self.max_fill:
-                    sh.n_full += 1
-                    return ST_FULL
-                # Tombstones use up the probe budget: rebuild the index without them.
-                shm_seq_begin(&sh.seq)
-                r = self.rebuild_index(si, 0)
-                shm_seq_end(&sh.seq)
-                if r < 0:
-                    return r
-                pos = self.find(si, k, &off, &ins)
-                if pos != -1 or ins < 0:
-                    return ST_CORRUPT
+        elif ins < 0 or ((ix[ins] & SLOT_OFFMASK) == SLOT_EMPTY and sh.count + sh.tombs >= self.max_fill):
+            # (Reusing a tombstone never raises count + tombs: no rebuild needed.)
+            if sh.tombs == 0 or sh.count >= self.max_fill:
+                sh.n_full += 1
+                return ST_FULL
+            # Tombstones use up the probe budget: rebuild the index without them.
+            shm_seq_begin(&sh.seq)
+            r = self.rebuild_index(si, 0)
+            shm_seq_end(&sh.seq)
+            if r < 0:
+                return r
+            pos = self.find(si, k, &off, &ins)
+            if pos != -1 or ins < 0:
+                return ST_CORRUPT
         need = _align8(ITEM_HDR + <uint64_t>v.n + k.n)
         if need < BLOCK_MIN:
             need = BLOCK_MIN

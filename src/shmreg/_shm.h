@@ -219,9 +219,16 @@ static inline uint64_t shm_now_ns(void) {
  * branch per step. */
 static int shm_crash_step = -1;
 static long shm_crash_countdown = 0;
+static int shm_crash_signal = SIGKILL;
 
 static void shm_crash_hit(void) {
     if (--shm_crash_countdown <= 0) {
+        if (shm_crash_signal == SIGSTOP) {
+            /* Stop mode: freeze right here (lock held) until SIGCONT, then go on. */
+            shm_crash_step = -1;
+            kill(getpid(), SIGSTOP);
+            return;
+        }
         kill(getpid(), SIGKILL);
         for (;;) pause();
     }
@@ -229,8 +236,17 @@ static void shm_crash_hit(void) {
 #define SHM_CRASH_POINT(step) do { \
     if (__builtin_expect(shm_crash_step == (step), 0)) shm_crash_hit(); } while (0)
 
-static inline void shm_crash_arm(int step, long count) { shm_crash_step = step; shm_crash_countdown = count; }
+static inline void shm_crash_arm(int step, long count, int stop) {
+    shm_crash_step = step; shm_crash_countdown = count; shm_crash_signal = stop ? SIGSTOP : SIGKILL;
+}
 
 static inline int shm_add_overflow(long long a, long long b, long long *r) { return __builtin_add_overflow(a, b, r); }
+
+/* SHMREG_DEBUG builds re-verify a shard's invariants after every write. */
+#ifdef SHMREG_DEBUG
+#define SHM_DEBUG 1
+#else
+#define SHM_DEBUG 0
+#endif
 
 #endif /* SHMREG_SHM_H */
