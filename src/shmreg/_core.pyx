@@ -1057,10 +1057,15 @@ cdef class CoreTable:
             cur = sh.bins[bb]
             steps = 0
             while cur != NIL and steps < 64:
-                if cur > self.arena_size - BLOCK_MIN:
-                    sh.bins[bb] = NIL   # damaged list: drop it, a coalesce rebuilds it
+                size = (<shm_item_t *>(ar + cur)).size if cur <= self.arena_size - BLOCK_MIN else 0
+                if size < BLOCK_MIN or size & 7 or size > self.arena_size - cur or cur & 7:
+                    # Damaged list (shared memory is untrusted): drop it; the
+                    # next coalesce rebuilds every list from the arena walk.
+                    if prev == NIL:
+                        sh.bins[bb] = NIL
+                    else:
+                        (<uint64_t *>(ar + prev + 8))[0] = NIL
                     break
-                size = (<shm_item_t *>(ar + cur)).size
                 nxt = (<uint64_t *>(ar + cur + 8))[0]
                 if size >= need:
                     if prev == NIL:
