@@ -65,6 +65,9 @@ cdef extern from "_shm.h" nogil:
     int EOWNERDEAD, ENOTRECOVERABLE
     int SHM_DEBUG
 
+    ctypedef union shm_lock_u:
+        pthread_mutex_t m
+
     ctypedef struct shm_header_t:
         uint64_t magic
         uint32_t layout, header_size
@@ -74,14 +77,14 @@ cdef extern from "_shm.h" nogil:
         uint64_t procs_off, shards_off, index_off, arena_off
         uint32_t nprocs, proc_size, shard_size, bins
         uint64_t creator_pid, creator_start, created_unix_ns
-        uint64_t lease_pid, lease_start, lease_until_ns, lease_gen
+        uint64_t lease_pid, lease_start, lease_gen
+        shm_lock_u procs_lock, lease_lock
 
     ctypedef struct shm_proc_t:
         uint32_t state, gen
         uint64_t pid, start_time, pidns
-
-    ctypedef union shm_lock_u:
-        pthread_mutex_t m
+        uint32_t kind
+        shm_lock_u alive
 
     ctypedef struct shm_shard_t:
         shm_lock_u lock
@@ -309,6 +312,9 @@ def init_segment(int fd, dict plan, uint64_t seed0, uint64_t seed1,
         h.creator_pid = creator_pid
         h.creator_start = creator_start
         h.created_unix_ns = created_unix_ns
+        rc = shm_mutex_init(&h.procs_lock.m) or shm_mutex_init(&h.lease_lock.m)
+        if rc:
+            raise OSError(rc, "pthread_mutex_init: " + os.strerror(rc))
         for i in range(h.nshards):
             sh = <shm_shard_t *>(base + h.shards_off + <size_t>i * sizeof(shm_shard_t))
             rc = shm_mutex_init(&sh.lock.m)

@@ -54,22 +54,38 @@ typedef struct {
     uint32_t nprocs, proc_size, shard_size, bins;
     uint64_t creator_pid, creator_start;
     uint64_t created_unix_ns;
-    /* watcher lease (owner/watcher work); part of layout 1 so it needs no
-     * layout change. */
-    uint64_t lease_pid, lease_start, lease_until_ns, lease_gen;
-    uint64_t reserved[32];
+    /* Watcher lease: the active watcher holds lease_lock for its lifetime;
+     * standbys wait on it and the kernel hands it over (EOWNERDEAD) when the
+     * holder dies. */
+    uint64_t lease_pid, lease_start, lease_gen, lease_reserved;
+    uint64_t reserved[24];
+    union { pthread_mutex_t m; char pad[64]; } procs_lock;  /* guards slot claims */
+    union { pthread_mutex_t m; char pad[64]; } lease_lock;
 } shm_header_t;
 
-/* One slot per attached process that owns entries.  Entries name their owner
- * by (slot, generation), never by raw pid, so pid reuse cannot misattribute. */
+/* One slot per process that owns entries.  Entries name their owner by
+ * (slot, generation), never by raw pid, so pid reuse cannot misattribute.
+ * A SELF slot's process holds `alive` (a robust mutex) from a dedicated
+ * thread for its whole life: when it dies, however it dies, the kernel marks
+ * the mutex word OWNER_DIED, so any reader can tell the owner is dead with
+ * one load and no syscall. */
 typedef struct {
-    uint32_t state;          /* 0 free, 1 claiming, 2 live, 3 dead (reaping) */
+    uint32_t state;          /* PROC_FREE, PROC_CLAIMING, PROC_LIVE */
     uint32_t gen;
     uint64_t pid;
-    uint64_t start_time;     /* process start, clock ticks since boot */
+    uint64_t start_time;     /* process start (see _proc.start_time) */
     uint64_t pidns;          /* pid namespace inode, 0 if unknown */
-    uint64_t reserved[4];
+    uint32_t kind;           /* PROC_SELF (holds `alive`) or PROC_FOREIGN (checked by pid) */
+    uint32_t pad;
+    uint64_t reserved[3];
+    union { pthread_mutex_t m; char pad[64]; } alive;
 } shm_proc_t;
+
+#define PROC_FREE 0
+#define PROC_CLAIMING 1
+#define PROC_LIVE 2
+#define PROC_SELF 1
+#define PROC_FOREIGN 2
 
 typedef struct {
     union { pthread_mutex_t m; char pad[64]; } lock;
@@ -116,7 +132,7 @@ typedef struct {
 
 typedef char shm_assert_item[(sizeof(shm_item_t) == ITEM_HDR) ? 1 : -1];
 typedef char shm_assert_mutex[(sizeof(pthread_mutex_t) <= 64) ? 1 : -1];
-typedef char shm_assert_proc[(sizeof(shm_proc_t) == 64) ? 1 : -1];
+typedef char shm_assert_proc[(sizeof(shm_proc_t) == 128) ? 1 : -1];
 typedef char shm_assert_hdr[(sizeof(shm_header_t) <= SHMREG_HEADER_SIZE) ? 1 : -1];
 
 /* ---- atomics ----------------------------------------------------------- */
