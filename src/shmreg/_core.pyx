@@ -64,6 +64,15 @@ cdef extern from "_shm.h" nogil:
     uint64_t NIL, SLOT_OFFMASK, SLOT_TAGMASK, SLOT_CLOCK, SLOT_EMPTY, SLOT_TOMB
     int EOWNERDEAD, ENOTRECOVERABLE
     int SHM_DEBUG
+    int PROC_FREE, PROC_CLAIMING, PROC_LIVE, PROC_SELF, PROC_FOREIGN
+    int shm_have_alive_word()
+    int shm_mutex_held_by_live(pthread_mutex_t *m)
+    int shm_hold_forever(pthread_mutex_t *m)
+    int shm_proc_stat(long pid, uint64_t *start, int *zombie)
+    int shm_pidfd_open(long pid)
+    int shm_pidfd_exited(int fd)
+    int shm_pid_alive(long pid, uint64_t start)
+    int shm_mutex_lock_timeout(pthread_mutex_t *m, long ms)
 
     ctypedef union shm_lock_u:
         pthread_mutex_t m
@@ -122,6 +131,11 @@ cdef extern from "_shm.h" nogil:
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<errno.h>" nogil:
+    int ESRCH, ETIMEDOUT
 
 # ---- constants -------------------------------------------------------------
 
@@ -157,6 +171,7 @@ DEF ST_CORRUPT = -2
 DEF ST_NOMEM = -3
 DEF ST_NOTINT = -4
 DEF ST_OVERFLOW = -5
+DEF ST_NOMATCH = -6
 
 # Crash points, by name, for SHMREG_CRASH_AT=name[:n] (kill at the n-th hit).
 CRASH_POINTS = (
@@ -455,6 +470,15 @@ cdef object encode_value(object v, ValRef *r):
     return keep
 
 
+cdef object unpickle(bytes raw):
+    """Unpickle a stored value.  A malformed pickle can only come from a
+    corrupted segment; an unimportable class is the caller's business."""
+    try:
+        return _pickle_loads(raw)
+    except (pickle.UnpicklingError, EOFError, OverflowError, MemoryError) as e:
+        raise CorruptTableError(f"stored pickle is malformed: {e}") from e
+
+
 cdef object decode_value(int vtype, const char *p, Py_ssize_t n):
     """Decode a value from memory that no writer can change any more."""
     cdef long long iv
@@ -474,7 +498,7 @@ cdef object decode_value(int vtype, const char *p, Py_ssize_t n):
     if vtype == VT_NONE and n == 0:
         return None
     if vtype == VT_PICKLE:
-        return _pickle_loads(PyBytes_FromStringAndSize(<char *>p, n))
+        return unpickle(PyBytes_FromStringAndSize(<char *>p, n))
     raise CorruptTableError(f"item with unknown value type {vtype} (length {n})")
 
 
@@ -491,8 +515,12 @@ cdef struct RecBuf:
 DEF REC_HDR = 24
 
 
-cdef int recbuf_append(RecBuf *b, const shm_item_t *it, const char *val, const char *key) noexcept nogil:
-    cdef size_t need = REC_HDR + _align8(<uint64_t>it.klen + it.vlen)
+cdef int recbuf_append(RecBuf *b, const shm_item_t *it, uint32_t klen, uint32_t vlen,
+                       const char *val, const char *key) noexcept nogil:
+    """Append one record.  ``klen``/``vlen`` are the lengths the caller
+    already bounds-checked: never re-read them from shared memory, where a
+    concurrent writer may have changed them since."""
+    cdef size_t need = REC_HDR + _align8(<uint64_t>klen + vlen)
     cdef size_t ncap
     cdef char *nd
     cdef uint32_t u
@@ -506,10 +534,8 @@ cdef int recbuf_append(RecBuf *b, const shm_item_t *it, const char *val, const c
         b.data = nd
         b.cap = ncap
     cdef char *r = b.data + b.len
-    u = it.klen
-    memcpy(r, &u, 4)
-    u = it.vlen
-    memcpy(r + 4, &u, 4)
+    memcpy(r, &klen, 4)
+    memcpy(r + 4, &vlen, 4)
     r[8] = <char>(it.types & 15)
     r[9] = <char>(it.types >> 4)
     r[10] = 0
@@ -517,8 +543,8 @@ cdef int recbuf_append(RecBuf *b, const shm_item_t *it, const char *val, const c
     u = it.owner
     memcpy(r + 12, &u, 4)
     memcpy(r + 16, &it.expires, 8)
-    memcpy(r + REC_HDR, key, it.klen)
-    memcpy(r + REC_HDR + it.klen, val, it.vlen)
+    memcpy(r + REC_HDR, key, klen)
+    memcpy(r + REC_HDR + klen, val, vlen)
     b.len += need
     b.nrec += 1
     return 0
@@ -565,6 +591,8 @@ cdef inline uint32_t bin_of(uint64_t size) noexcept nogil:
     """Size class of a block: 16-byte steps up to 544, then two per power of two."""
     cdef uint32_t l = 0
     cdef uint64_t s
+    if size < BLOCK_MIN:
+        return 0    # never a real block; keeps a corrupt size from indexing past bins[]
     if size < 544:
         return <uint32_t>((size - 32) >> 4)
     s = size
@@ -608,18 +636,41 @@ cdef class CoreTable:
     cdef uint64_t arena_size, seed0, seed1
     cdef int inflight
     cdef bint is_closed
+    cdef char *procs_base
+    # Process-local pidfd cache for owners registered by pid (slot -> fd, gen).
+    cdef int *pidfds
+    cdef uint32_t *pidfd_gen
+    #: Owner id of this process in this table (0 until its first owned write).
+    cdef public uint32_t _self_owner_id
     cdef object _clock
     # Per-process read counters: readers never write shared memory.
     cdef public uint64_t _hits, _misses, _read_retries, _lock_fallbacks
 
     def __cinit__(self, *args, **kwargs):
+        cdef int i
         self.base = NULL
         self.is_closed = True
+        self.pidfds = <int *>malloc(SHMREG_NPROCS * sizeof(int))
+        self.pidfd_gen = <uint32_t *>malloc(SHMREG_NPROCS * sizeof(uint32_t))
+        if self.pidfds == NULL or self.pidfd_gen == NULL:
+            raise MemoryError()
+        for i in range(SHMREG_NPROCS):
+            self.pidfds[i] = -1
+            self.pidfd_gen[i] = 0
 
     def __dealloc__(self):
-        if self.base != NULL:
+        cdef int i
+        if self.base != NULL and self._self_owner_id == 0:
+            # (A process holding a liveness lock in this mapping keeps it: the
+            # kernel must still find that lock when the process dies.)
             munmap(self.base, self.size)
             self.base = NULL
+        if self.pidfds != NULL:
+            for i in range(SHMREG_NPROCS):
+                if self.pidfds[i] >= 0:
+                    close(self.pidfds[i])
+            free(self.pidfds)
+        free(self.pidfd_gen)
 
     # -- attach / validate -------------------------------------------------
 
@@ -666,6 +717,12 @@ cdef class CoreTable:
             total = _align(arena_off + n * h.arena_size, 4096)
             if (h.procs_off, h.shards_off, h.index_off, h.arena_off) != (procs_off, shards_off, index_off, arena_off):
                 raise CorruptTableError("header: region offsets do not match the geometry")
+            try:
+                plan = plan_layout(h.capacity, h.memory, n)
+            except (ValueError, OverflowError) as e:
+                raise CorruptTableError(f"header: impossible capacity/memory ({e})") from None
+            if (plan["slots"], plan["max_fill"], plan["arena_size"]) != (h.slots, h.max_fill, h.arena_size):
+                raise CorruptTableError("header: geometry does not follow from capacity and memory")
             if h.total_size != total or total != fsize:
                 raise CorruptTableError(
                     f"header: size {h.total_size} does not match geometry {total} / file {fsize}")
@@ -685,13 +742,15 @@ cdef class CoreTable:
         self.shards_base = base + h.shards_off
         self.index_base = <uint64_t *>(base + h.index_off)
         self.arena_base = base + h.arena_off
+        self.procs_base = base + h.procs_off
         self._clock = clock
         self.is_closed = False
 
     def _close(self):
-        """Unmap unless another thread is inside a blocking lock wait."""
+        """Unmap unless another thread is inside a blocking lock wait, or this
+        process owns entries (its liveness lock lives in the mapping)."""
         self.is_closed = True
-        if self.base != NULL and self.inflight == 0:
+        if self.base != NULL and self.inflight == 0 and self._self_owner_id == 0:
             munmap(self.base, self.size)
             self.base = NULL
 
@@ -710,6 +769,19 @@ cdef class CoreTable:
 
     cdef inline char *arena(self, uint32_t i) noexcept nogil:
         return self.arena_base + <size_t>i * self.arena_size
+
+    cdef inline bint item_ok_in(self, char *ar, uint64_t off) noexcept nogil:
+        """Is the item at offset ``off`` of arena ``ar`` plausible: aligned,
+        inside the arena, a block of at least BLOCK_MIN bytes, lengths inside
+        the block?  (Shared memory is untrusted: check before use.)"""
+        cdef const shm_item_t *it
+        cdef uint64_t size
+        if off & 7 or off > self.arena_size - BLOCK_MIN:
+            return False
+        it = <const shm_item_t *>(ar + off)
+        size = it.size
+        return (size >= BLOCK_MIN and not (size & 7) and size <= self.arena_size - off
+                and ITEM_HDR + <uint64_t>it.vlen + it.klen <= size)
 
     cdef inline uint32_t shard_of(self, uint64_t h) noexcept nogil:
         return <uint32_t>((h >> 32) & (self.nsh - 1))
@@ -763,13 +835,13 @@ cdef class CoreTable:
                     ins[0] = pos
             elif (v & SLOT_TAGMASK) == tag:
                 off -= 8
-                if off > self.arena_size - ITEM_HDR:
+                if off & 7 or off > self.arena_size - BLOCK_MIN:
                     return -2
                 it = <const shm_item_t *>(ar + off)
                 size = it.size
                 vlen = it.vlen
                 klen = it.klen
-                if size > self.arena_size - off or ITEM_HDR + vlen + klen > size:
+                if size < BLOCK_MIN or size & 7 or size > self.arena_size - off or ITEM_HDR + vlen + klen > size:
                     return -2
                 if (klen == <uint64_t>k.n and (it.types & 15) == k.ktype
                         and memcmp(ar + off + ITEM_HDR + vlen, k.p, klen) == 0):
@@ -1109,6 +1181,8 @@ cdef class CoreTable:
         cdef char *ar = self.arena(si)
         cdef uint64_t size = (<shm_item_t *>(ar + off)).size
         cdef uint32_t b
+        if size < BLOCK_MIN or size & 7 or off > self.arena_size - BLOCK_MIN or size > self.arena_size - off:
+            return    # corrupt header: leave it for check()/coalesce to report, never index bins[] with it
         shm_store_rlx(<uint64_t *>(ar + off), make_word0(size, 0, 0, 0))
         sh.used -= size
         if off + size == sh.top:
@@ -1117,6 +1191,263 @@ cdef class CoreTable:
         b = bin_of(size)
         (<uint64_t *>(ar + off + 8))[0] = sh.bins[b]
         sh.bins[b] = off
+
+    # -- owners ------------------------------------------------------------------
+
+    cdef inline shm_proc_t *proc(self, uint32_t i) noexcept nogil:
+        return <shm_proc_t *>(self.procs_base + <size_t>i * sizeof(shm_proc_t))
+
+    cdef bint owner_alive(self, uint32_t owner) noexcept nogil:
+        """Is the owner ``(slot + 1) | gen << 12`` of an entry alive?
+
+        A process that owns entries itself holds its slot's robust mutex from
+        a dedicated thread, so its death is one load of the mutex word (the
+        kernel sets OWNER_DIED): no syscall on the read path.  An owner
+        registered by pid from another process costs one poll() of a cached
+        pidfd (or kill() + /proc where there is no pidfd).
+        """
+        cdef uint32_t slot
+        cdef shm_proc_t *p
+        if owner == 0:
+            return True
+        slot = (owner & 0xfff) - 1
+        if slot >= <uint32_t>SHMREG_NPROCS:
+            return False
+        p = self.proc(slot)
+        if shm_load32_rlx(&p.state) != PROC_LIVE or (shm_load32_rlx(&p.gen) & 0xFFFFF) != (owner >> 12):
+            return False
+        if p.kind == PROC_SELF and shm_have_alive_word():
+            return shm_mutex_held_by_live(&p.alive.m) != 0
+        return self.pid_alive(slot)
+
+    cdef bint pid_alive(self, uint32_t slot) noexcept nogil:
+        cdef shm_proc_t *p = self.proc(slot)
+        cdef uint32_t gen = shm_load32_rlx(&p.gen)
+        cdef long pid = <long>p.pid
+        cdef uint64_t start = p.start_time, st = 0
+        cdef int fd, z = 0, r
+        if self.pidfds[slot] >= 0:
+            if self.pidfd_gen[slot] == gen:
+                return not shm_pidfd_exited(self.pidfds[slot])
+            close(self.pidfds[slot])
+            self.pidfds[slot] = -1
+        if pid <= 0:
+            return False
+        fd = shm_pidfd_open(pid)
+        if fd < 0:
+            if errno == ESRCH:
+                return False
+            return shm_pid_alive(pid, start) != 0
+        # The pidfd names whoever has the pid now: it is our owner only if the
+        # start time still matches (checked after opening, so no reuse race).
+        r = shm_proc_stat(pid, &st, &z)
+        if r == 0 or (r == 1 and (z or st != start)):
+            close(fd)
+            return False
+        self.pidfds[slot] = fd
+        self.pidfd_gen[slot] = gen
+        return not shm_pidfd_exited(fd)
+
+    cdef int lock_procs(self) except -1:
+        cdef pthread_mutex_t *m = &self.hdr.procs_lock.m
+        cdef int rc = pthread_mutex_trylock(m)
+        cdef uint32_t i
+        if rc == EBUSY:
+            self.inflight += 1
+            with nogil:
+                rc = pthread_mutex_lock(m)
+            self.inflight -= 1
+        if rc == EOWNERDEAD:
+            # A claimant died mid-claim: its slot never became LIVE.
+            for i in range(SHMREG_NPROCS):
+                if self.proc(i).state == PROC_CLAIMING:
+                    self.proc(i).state = PROC_FREE
+            shm_mutex_consistent(m)
+            rc = 0
+        if rc:
+            raise OSError(rc, "process table lock: " + os.strerror(rc))
+        return 0
+
+    def _claim(self, uint64_t pid, uint64_t start, bint own_process):
+        """Claim a process slot for ``pid`` and return its owner id.
+
+        ``own_process``: the caller itself, which then holds the slot's
+        liveness mutex for life; else another process, checked by pid.
+        An existing live slot of the same process is reused.
+        """
+        cdef uint32_t i, slot = 0xffffffff, gen, oid
+        cdef shm_proc_t *p
+        cdef int rc = 0
+        self.check_open()
+        self.lock_procs()
+        try:
+            for i in range(SHMREG_NPROCS):
+                p = self.proc(i)
+                oid = (i + 1) | ((p.gen & 0xFFFFF) << 12)
+                if (p.state == PROC_LIVE and p.pid == pid and p.start_time == start
+                        and (p.kind == PROC_SELF or not own_process) and self.owner_alive(oid)):
+                    return oid
+            for i in range(SHMREG_NPROCS):
+                if self.proc(i).state == PROC_FREE:
+                    slot = i
+                    break
+            else:
+                # Recycle the slot of a dead process.  Bumping the generation
+                # makes its leftover entries dead at once; sweeps purge them.
+                for i in range(SHMREG_NPROCS):
+                    p = self.proc(i)
+                    if p.state == PROC_LIVE and not self.owner_alive((i + 1) | ((p.gen & 0xFFFFF) << 12)):
+                        slot = i
+                        break
+            if slot == 0xffffffff:
+                raise TableFullError(f"process table full: {SHMREG_NPROCS} live processes own entries")
+            p = self.proc(slot)
+            p.state = PROC_CLAIMING
+            gen = (p.gen + 1) & 0xFFFFF
+            p.gen = gen
+            p.pid = pid
+            p.start_time = start
+            p.kind = PROC_SELF if own_process else PROC_FOREIGN
+            if own_process:
+                rc = shm_mutex_init(&p.alive.m)
+                if rc == 0:
+                    with nogil:
+                        rc = shm_hold_forever(&p.alive.m)
+                if rc:
+                    p.state = PROC_FREE
+                    raise OSError(rc, "cannot take the liveness lock: " + os.strerror(rc))
+            shm_fence_rel()
+            p.state = PROC_LIVE
+            return (slot + 1) | (gen << 12)
+        finally:
+            pthread_mutex_unlock(&self.hdr.procs_lock.m)
+
+    def _release(self, uint32_t owner):
+        """Free the slot of ``owner`` if it is dead (after its entries were reaped)."""
+        cdef uint32_t slot = (owner & 0xfff) - 1
+        cdef shm_proc_t *p
+        self.check_open()
+        if slot >= <uint32_t>SHMREG_NPROCS:
+            return False
+        self.lock_procs()
+        try:
+            p = self.proc(slot)
+            if p.state == PROC_LIVE and (p.gen & 0xFFFFF) == (owner >> 12) and not self.owner_alive(owner):
+                p.state = PROC_FREE
+                return True
+            return False
+        finally:
+            pthread_mutex_unlock(&self.hdr.procs_lock.m)
+
+    def _owner_alive(self, uint32_t owner):
+        """Python view of ``owner_alive``."""
+        self.check_open()
+        return self.owner_alive(owner)
+
+    def _proc_table(self):
+        """Claimed slots: list of dicts (owner id, pid, start time, kind, alive)."""
+        cdef uint32_t i, oid
+        cdef shm_proc_t *p
+        self.check_open()
+        out = []
+        for i in range(SHMREG_NPROCS):
+            p = self.proc(i)
+            if p.state != PROC_LIVE:
+                continue
+            oid = (i + 1) | ((p.gen & 0xFFFFF) << 12)
+            out.append(dict(owner=oid, slot=i, pid=p.pid, start_time=p.start_time,
+                            kind="self" if p.kind == PROC_SELF else "pid",
+                            alive=self.owner_alive(oid)))
+        return out
+
+    def _owner_pid(self, uint32_t owner):
+        """The pid behind owner id ``owner``, or None if its slot moved on."""
+        cdef uint32_t slot = (owner & 0xfff) - 1
+        cdef shm_proc_t *p
+        self.check_open()
+        if owner == 0 or slot >= <uint32_t>SHMREG_NPROCS:
+            return None
+        p = self.proc(slot)
+        if p.state != PROC_LIVE or (p.gen & 0xFFFFF) != (owner >> 12):
+            return None
+        return p.pid
+
+    def _reap(self, uint32_t owner, bint collect):
+        """Delete every entry owned by ``owner`` (0: every entry whose owner is
+        dead).  Returns ``(count, records)``, records as ``(key, value,
+        expires_ns, owner)`` when ``collect``.  Locking each shard also
+        repairs any write a dead owner left half done."""
+        cdef uint32_t si, i
+        cdef uint64_t v, off
+        cdef uint64_t *ix
+        cdef char *ar
+        cdef shm_item_t *it
+        cdef long n = 0
+        cdef int st = 0
+        cdef RecBuf b
+        self.check_open()
+        b.data = NULL
+        b.len = b.cap = b.nrec = 0
+        try:
+            for si in range(self.nsh):
+                if shm_load32_rlx(&self.shard(si).nowned) == 0:
+                    continue
+                self.lock(si)
+                ix = self.idx(si)
+                ar = self.arena(si)
+                for i in range(self.slots):
+                    v = ix[i]
+                    off = v & SLOT_OFFMASK
+                    if off <= SLOT_TOMB or not self.item_ok_in(ar, off - 8):
+                        continue
+                    off -= 8
+                    it = <shm_item_t *>(ar + off)
+                    if it.owner == 0 or (it.owner != owner if owner else self.owner_alive(it.owner)):
+                        continue
+                    if collect:
+                        if recbuf_append(&b, it, it.klen, it.vlen, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
+                            st = ST_NOMEM
+                    self.unpublish(si, i, off)
+                    n += 1
+                self.unlock(si)
+                if st == ST_NOMEM:
+                    raise MemoryError()
+            return n, (self.parse_records(&b, 4, None) if collect else None)
+        finally:
+            free(b.data)
+
+    def _lease(self, long timeout_ms):
+        """Try to become the active watcher: True once this thread holds the
+        lease lock (kept until ``_unlease`` or death), False on timeout."""
+        cdef int rc
+        cdef pthread_mutex_t *m = &self.hdr.lease_lock.m
+        self.check_open()
+        self.inflight += 1
+        with nogil:
+            rc = shm_mutex_lock_timeout(m, timeout_ms)
+        self.inflight -= 1
+        if rc == EOWNERDEAD:
+            shm_mutex_consistent(m)   # the previous watcher died: take over
+            rc = 0
+        if rc == ETIMEDOUT:
+            return False
+        if rc:
+            raise OSError(rc, "watcher lease: " + os.strerror(rc))
+        self.hdr.lease_gen += 1
+        self.hdr.lease_pid = os.getpid()
+        return True
+
+    def _unlease(self):
+        """Give the watcher lease up (the holding thread only)."""
+        self.hdr.lease_pid = 0
+        pthread_mutex_unlock(&self.hdr.lease_lock.m)
+
+    def _lease_holder(self):
+        """Pid of the active watcher, or None."""
+        self.check_open()
+        if shm_have_alive_word() and not shm_mutex_held_by_live(&self.hdr.lease_lock.m):
+            return None
+        return self.hdr.lease_pid or None
 
     # -- the write operation ---------------------------------------------------
 
@@ -1144,9 +1475,9 @@ cdef class CoreTable:
             return ST_CORRUPT
         if pos >= 0:
             ot = <shm_item_t *>(ar + off)
-            live = ot.expires == 0 or ot.expires > now
+            live = (ot.expires == 0 or ot.expires > now) and self.owner_alive(ot.owner)
             if mode == PUT_NEW and live:
-                if old != NULL and recbuf_append(old, ot, ar + off + ITEM_HDR,
+                if old != NULL and recbuf_append(old, ot, ot.klen, ot.vlen, ar + off + ITEM_HDR,
                                                  ar + off + ITEM_HDR + ot.vlen) < 0:
                     return ST_NOMEM
                 return ST_NO
@@ -1154,6 +1485,9 @@ cdef class CoreTable:
                 if not live or (ot.types >> 4) != expect.vtype or ot.vlen != <uint64_t>expect.n \
                         or memcmp(ar + off + ITEM_HDR, expect.p, expect.n) != 0:
                     return ST_NO
+                # A swap replaces the value only: the entry keeps its expiry and owner.
+                expires = ot.expires
+                owner = ot.owner
         elif mode == PUT_CAS:
             return ST_NO
         elif ins < 0 or ((ix[ins] & SLOT_OFFMASK) == SLOT_EMPTY and sh.count + sh.tombs >= self.max_fill):
@@ -1262,7 +1596,7 @@ cdef class CoreTable:
         raise AssertionError(f"unexpected status {st}")
 
     cdef int store(self, object key, object value, object ttl, int mode, ValRef *expect,
-                   RecBuf *old) except -2:
+                   RecBuf *old, uint32_t owner=0) except -2:
         cdef KeyRef k
         cdef ValRef v
         self.check_open()
@@ -1278,7 +1612,7 @@ cdef class CoreTable:
         cdef uint32_t si = self.shard_of(k.h)
         cdef int st
         self.lock(si)
-        st = self.put(si, &k, &v, exp, 0, mode, now, expect, old)
+        st = self.put(si, &k, &v, exp, owner, mode, now, expect, old)
         self.unlock(si)
         if st < 0:
             self.raise_status(st, si, &k, &v)
@@ -1291,7 +1625,8 @@ cdef class CoreTable:
         """Store ``value`` under ``key``, replacing any previous value.
 
         :param ttl: seconds until the entry expires (``None``: never).
-        :param owned: tie the entry to this process (reaped when it dies).
+        :param owned: tie the entry to this process: it vanishes when the
+            process dies, however it dies.
         :raises TableFullError: no room left.
         :raises ValueTooLargeError: the item can never fit.
 
@@ -1299,9 +1634,7 @@ cdef class CoreTable:
         >>> t["answer"]
         42
         """
-        if owned:
-            raise NotImplementedError("owned entries come with the owner/watcher work")
-        self.store(key, value, ttl, PUT_SET, NULL, NULL)
+        self.store(key, value, ttl, PUT_SET, NULL, NULL, self._self_owner() if owned else 0)
 
     def insert_new(self, key, value, *, ttl=None, owned=False):
         """Store ``value`` only if ``key`` is absent (or expired); ETS ``insert_new``.
@@ -1314,9 +1647,20 @@ cdef class CoreTable:
         >>> t.insert_new("lock:job-7", "worker-4")
         False
         """
-        if owned:
-            raise NotImplementedError("owned entries come with the owner/watcher work")
-        return self.store(key, value, ttl, PUT_NEW, NULL, NULL) == ST_OK
+        return self.store(key, value, ttl, PUT_NEW, NULL, NULL,
+                          self._self_owner() if owned else 0) == ST_OK
+
+    def _insert_new_for(self, key, value, uint32_t owner):
+        """``insert_new`` owned by owner id ``owner`` (see ``_claim``)."""
+        return self.store(key, value, None, PUT_NEW, NULL, NULL, owner) == ST_OK
+
+    def _self_owner(self):
+        """This process's owner id in this table, claiming a slot on first use."""
+        if self._self_owner_id == 0:
+            from shmreg._proc import start_time
+            pid = os.getpid()
+            self._self_owner_id = self._claim(pid, start_time(pid) or 0, True)
+        return self._self_owner_id
 
     def setdefault(self, key, default=None):
         """Return the value of ``key``; insert ``default`` first if it is absent (atomic)."""
@@ -1344,11 +1688,13 @@ cdef class CoreTable:
         return self.store(key, new, None, PUT_CAS, &e, NULL) == ST_OK
 
     cdef object lookup(self, object key, object default, int want):
-        """Lock-free read.  ``want``: 0 value, 1 membership, 2 remaining ttl (ns, -1 none)."""
+        """Lock-free read.  ``want``: 0 value, 1 membership, 2 remaining ttl (ns,
+        -1 none), 3 raw ``(vtype, bytes)``, 4 ``(value, owner id)``."""
         cdef KeyRef k
-        cdef uint64_t off = 0, s1, exp
+        cdef uint64_t off = 0, s1, exp = 0
+        cdef uint32_t own = 0
         cdef int64_t pos, ins
-        cdef int attempt, vtype
+        cdef int attempt, vtype = 0
         cdef uint32_t vlen
         cdef shm_item_t *it
         cdef long long iv
@@ -1373,8 +1719,14 @@ cdef class CoreTable:
             if pos >= 0:
                 it = <shm_item_t *>(ar + off)
                 exp = it.expires
+                own = it.owner
                 vtype = it.types >> 4
                 vlen = it.vlen
+                if <uint64_t>vlen > self.arena_size - ITEM_HDR - off:
+                    # Changed under us since find() checked it: torn, the seq
+                    # check below sends us round again.
+                    vlen = 0
+                    vtype = 0
                 if want == 3:
                     val = PyBytes_FromStringAndSize(ar + off + ITEM_HDR, vlen)
                 elif want == 0:
@@ -1405,9 +1757,9 @@ cdef class CoreTable:
             if shm_load_rlx(&sh.seq) != s1:
                 self._read_retries += 1
                 continue
-            if pos == -2 or (pos >= 0 and want == 0 and vtype == 0):
+            if pos == -2 or (pos >= 0 and (want == 0 or want == 3 or want == 4) and vtype == 0):
                 break   # stable but implausible: let the locked path decide
-            if pos < 0 or (exp != 0 and exp <= self.now()):
+            if pos < 0 or (exp != 0 and exp <= self.now()) or (own != 0 and not self.owner_alive(own)):
                 self._misses += 1
                 if want == 0:
                     if default is _MISSING:
@@ -1426,7 +1778,9 @@ cdef class CoreTable:
             if want == 3:
                 return (vtype, val)
             if vtype == VT_PICKLE:
-                return _pickle_loads(val)
+                val = unpickle(val)
+            if want == 4:
+                return (val, own)
             return val
         return self.lookup_locked(si, &k, key, default, want)
 
@@ -1457,9 +1811,9 @@ cdef class CoreTable:
         pos = self.find(si, k, &off, &ins)
         if pos >= 0:
             it = <shm_item_t *>(ar + off)
-            if it.expires and it.expires <= now:
+            if (it.expires and it.expires <= now) or not self.owner_alive(it.owner):
                 pos = -1
-            elif recbuf_append(rb, it, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
+            elif recbuf_append(rb, it, it.klen, it.vlen, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
                 st = ST_NOMEM
         self.unlock(si)
         if pos == -2:
@@ -1489,6 +1843,9 @@ cdef class CoreTable:
         memcpy(&exp, rb.data + 16, 8)
         if want == 2:
             return -1 if exp == 0 else <int64_t>(exp - now)
+        if want == 4:
+            rec = self.parse_records(rb, 4, None)[0]
+            return (rec[1], rec[3])
         return self.parse_records(rb, 2, None)[0]
 
     def get(self, key, default=None):
@@ -1508,11 +1865,15 @@ cdef class CoreTable:
     def __contains__(self, key):
         return self.lookup(key, None, 1)
 
+    def _get_owned(self, key, default=None):
+        """``(value, owner id)`` of ``key`` (owner 0: not owned), or ``default``."""
+        return self.lookup(key, default, 4)
+
     def _ttl_ns(self, key):
         """Remaining lifetime of ``key`` in ns, -1 if it never expires; KeyError if absent."""
         return self.lookup(key, None, 2)
 
-    cdef int remove(self, object key, RecBuf *out) except -2:
+    cdef int remove(self, object key, RecBuf *out, uint32_t only_owner=0) except -2:
         """Delete ``key``; copy its item into ``out`` if given.  1 deleted, 0 absent."""
         cdef KeyRef k
         cdef uint64_t off = 0
@@ -1530,11 +1891,13 @@ cdef class CoreTable:
         if pos >= 0:
             it = <shm_item_t *>(ar + off)
             st = ST_OK
-            if it.expires and it.expires <= now:
-                st = ST_NO      # expired: gone for the caller, purge it anyway
-            elif out != NULL and recbuf_append(out, it, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
+            if only_owner and it.owner != only_owner:
+                st = ST_NOMATCH
+            elif (it.expires and it.expires <= now) or not self.owner_alive(it.owner):
+                st = ST_NO      # expired or owner dead: gone for the caller, purge it anyway
+            elif out != NULL and recbuf_append(out, it, it.klen, it.vlen, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
                 st = ST_NOMEM
-            if st != ST_NOMEM:
+            if st != ST_NOMEM and st != ST_NOMATCH:
                 self.unpublish(si, pos, off)
         self.unlock(si)
         if pos == -2:
@@ -1542,6 +1905,10 @@ cdef class CoreTable:
         if st == ST_NOMEM:
             raise MemoryError()
         return st
+
+    def _delete_owned(self, key, uint32_t owner):
+        """Delete ``key`` only if owner id ``owner`` holds it; True if deleted."""
+        return self.remove(key, NULL, owner) == ST_OK
 
     def __delitem__(self, key):
         if self.remove(key, NULL) != ST_OK:
@@ -1607,7 +1974,8 @@ cdef class CoreTable:
         st = ST_OK
         if pos == -2:
             st = ST_CORRUPT
-        elif pos >= 0 and ((<shm_item_t *>(ar + off)).expires == 0 or (<shm_item_t *>(ar + off)).expires > now):
+        elif pos >= 0 and ((<shm_item_t *>(ar + off)).expires == 0 or (<shm_item_t *>(ar + off)).expires > now) \
+                and self.owner_alive((<shm_item_t *>(ar + off)).owner):
             it = <shm_item_t *>(ar + off)
             if (it.types >> 4) != VT_INT or it.vlen != 8:
                 st = ST_NOTINT
@@ -1661,7 +2029,7 @@ cdef class CoreTable:
         pos = self.find(si, &k, &off, &ins)
         if pos >= 0:
             it = <shm_item_t *>(self.arena(si) + off)
-            if it.expires == 0 or it.expires > now:
+            if (it.expires == 0 or it.expires > now) and self.owner_alive(it.owner):
                 if it.expires and not exp:
                     sh.nttl -= 1
                 elif exp and not it.expires:
@@ -1692,7 +2060,7 @@ cdef class CoreTable:
             for i in range(self.slots):
                 v = ix[i]
                 off = v & SLOT_OFFMASK
-                if off > SLOT_TOMB and off - 8 <= self.arena_size - ITEM_HDR:
+                if off > SLOT_TOMB and self.item_ok_in(self.arena(si), off - 8):
                     it = <shm_item_t *>(self.arena(si) + off - 8)
                     if it.expires and it.expires <= now:
                         self.unpublish(si, i, off - 8)
@@ -1743,23 +2111,26 @@ cdef class CoreTable:
             if off <= SLOT_TOMB:
                 continue
             off -= 8
-            if off > self.arena_size - ITEM_HDR:
+            if off & 7 or off > self.arena_size - BLOCK_MIN:
                 return ST_CORRUPT
             it = <shm_item_t *>(ar + off)
             size = it.size
             vlen = it.vlen
             klen = it.klen
             exp = it.expires
-            if size > self.arena_size - off or ITEM_HDR + vlen + klen > size:
+            if size < BLOCK_MIN or size & 7 or size > self.arena_size - off or ITEM_HDR + vlen + klen > size:
                 return ST_CORRUPT
             if exp and exp <= now:
+                continue
+            if it.owner and not self.owner_alive(it.owner):
                 continue
             if prefix != NULL:
                 if (it.types & 15) != prefix.ktype or klen < <uint64_t>prefix.n or \
                         memcmp(ar + off + ITEM_HDR + vlen, prefix.p, prefix.n) != 0:
                     continue
             count[0] += 1
-            if not count_only and recbuf_append(b, it, ar + off + ITEM_HDR, ar + off + ITEM_HDR + vlen) < 0:
+            if not count_only and recbuf_append(b, it, <uint32_t>klen, <uint32_t>vlen, ar + off + ITEM_HDR,
+                                                ar + off + ITEM_HDR + vlen) < 0:
                 return ST_NOMEM
         return ST_OK
 
@@ -1775,8 +2146,8 @@ cdef class CoreTable:
             if s1 & 1:
                 sched_yield()
                 continue
-            with nogil:
-                st = self.snap(si, now, b, prefix, count_only, count)
+            # (With the GIL: owner checks use this process's pidfd cache.)
+            st = self.snap(si, now, b, prefix, count_only, count)
             shm_fence_acq()
             if shm_load_rlx(&sh.seq) == s1 and st != ST_CORRUPT:
                 break
@@ -1846,7 +2217,7 @@ cdef class CoreTable:
             free(b.data)
 
     def __len__(self):
-        """Number of live entries (expired ones not counted)."""
+        """Number of live entries (expired ones and those of dead owners not counted)."""
         cdef uint32_t si
         cdef size_t total = 0, c
         cdef shm_shard_t *sh
@@ -1857,7 +2228,7 @@ cdef class CoreTable:
         b.len = b.cap = b.nrec = 0
         for si in range(self.nsh):
             sh = self.shard(si)
-            if shm_load32_rlx(&sh.nttl) == 0:
+            if shm_load32_rlx(&sh.nttl) == 0 and shm_load32_rlx(&sh.nowned) == 0:
                 total += shm_load32_rlx(&sh.count)
             else:
                 if now == 0:

@@ -258,6 +258,144 @@ static inline void shm_crash_arm(int step, long count, int stop) {
 
 static inline int shm_add_overflow(long long a, long long b, long long *r) { return __builtin_add_overflow(a, b, r); }
 
+/* ---- process liveness -------------------------------------------------- */
+#include <poll.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
+
+/* The futex word of a glibc/musl mutex: owner TID in the low 30 bits, and
+ * FUTEX_OWNER_DIED (set by the kernel when the owning thread dies). */
+#define SHM_FUTEX_OWNER_DIED 0x40000000u
+#define SHM_FUTEX_TID_MASK 0x3fffffffu
+
+static inline int shm_have_alive_word(void) {
+#if SHMREG_HAVE_ROBUST && defined(__linux__) && (defined(__GLIBC__) || defined(__UCLIBC__))
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 while the mutex is held by a live thread, 0 once it was released or its
+ * holder died.  Only meaningful where shm_have_alive_word(). */
+static inline int shm_mutex_held_by_live(pthread_mutex_t *m) {
+    uint32_t w = __atomic_load_n((uint32_t *)m, __ATOMIC_ACQUIRE);
+    return (w & SHM_FUTEX_TID_MASK) != 0 && !(w & SHM_FUTEX_OWNER_DIED);
+}
+
+/* A thread that takes `m` and holds it until the process ends.  It must not
+ * be a Python thread: those end before the process does. */
+typedef struct { pthread_mutex_t *m; volatile int state; } shm_holder_t;
+
+static void *shm_holder_main(void *arg) {
+    shm_holder_t *h = (shm_holder_t *)arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);   /* signals are the main thread's business */
+    int rc = pthread_mutex_lock(h->m);
+    if (rc == EOWNERDEAD) { shm_mutex_consistent(h->m); rc = 0; }
+    __atomic_store_n(&h->state, rc == 0 ? 1 : -1, __ATOMIC_RELEASE);
+    if (rc) return NULL;
+    for (;;) pause();
+    return NULL;
+}
+
+/* Start a holder thread on `m` and wait until it holds it.  0 or an errno. */
+static int shm_hold_forever(pthread_mutex_t *m) {
+    shm_holder_t *h = (shm_holder_t *)malloc(sizeof(shm_holder_t));  /* lives as long as the thread */
+    pthread_attr_t a;
+    pthread_t t;
+    int rc, st;
+    if (!h) return ENOMEM;
+    h->m = m;
+    h->state = 0;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&a, 64 * 1024);
+    rc = pthread_create(&t, &a, shm_holder_main, h);
+    pthread_attr_destroy(&a);
+    if (rc) { free(h); return rc; }
+    while ((st = __atomic_load_n(&h->state, __ATOMIC_ACQUIRE)) == 0) sched_yield();
+    return st == 1 ? 0 : EDEADLK;
+}
+
+/* Start time (field 22 of /proc/PID/stat) and zombie state of pid.
+ * Returns 1 found, 0 gone, -1 unknown (no /proc). */
+static int shm_proc_stat(long pid, uint64_t *start, int *zombie) {
+#if defined(__linux__)
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT || errno == ESRCH ? 0 : -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ') return -1;
+    p += 2;
+    *zombie = (*p == 'Z' || *p == 'X');
+    for (int field = 3; field < 22; field++) {      /* state is field 3 */
+        p = strchr(p, ' ');
+        if (!p) return -1;
+        p++;
+    }
+    *start = strtoull(p, NULL, 10);
+    return 1;
+#else
+    (void)pid; (void)start; (void)zombie;
+    return -1;
+#endif
+}
+
+static inline int shm_pidfd_open(long pid) {
+#if defined(__linux__) && defined(SYS_pidfd_open)
+    return (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+#else
+    (void)pid; errno = ENOSYS; return -1;
+#endif
+}
+
+/* 1 if the process behind pidfd has exited (zombie included), 0 if it runs. */
+static inline int shm_pidfd_exited(int fd) {
+    struct pollfd p = { fd, POLLIN, 0 };
+    return poll(&p, 1, 0) > 0;
+}
+
+/* Liveness of (pid, start) without a pidfd: kill(0) plus /proc where present. */
+static int shm_pid_alive(long pid, uint64_t start) {
+    uint64_t st = 0; int z = 0;
+    if (pid <= 0) return 0;
+    if (kill((pid_t)pid, 0) != 0 && errno != EPERM) return 0;
+    int r = shm_proc_stat(pid, &st, &z);
+    if (r == 0) return 0;
+    if (r < 0) return 1;            /* no /proc: kill() is all we know */
+    return !z && st == start;
+}
+
+/* Lock with a timeout in ms: 0, ETIMEDOUT, EOWNERDEAD ... (macOS has no timedlock). */
+static int shm_mutex_lock_timeout(pthread_mutex_t *m, long ms) {
+#if defined(__APPLE__)
+    for (long waited = 0;; waited++) {
+        int rc = pthread_mutex_trylock(m);
+        if (rc != EBUSY) return rc;
+        if (waited >= ms) return ETIMEDOUT;
+        usleep(1000);
+    }
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    return pthread_mutex_timedlock(m, &ts);
+#endif
+}
+
 /* SHMREG_DEBUG builds re-verify a shard's invariants after every write. */
 #ifdef SHMREG_DEBUG
 #define SHM_DEBUG 1
