@@ -14,7 +14,7 @@ import pytest
 
 import shmreg
 from shmreg import _core
-from conftest import run_py
+from _helpers import run_py
 
 
 class Color(enum.IntEnum):
@@ -493,8 +493,10 @@ def test_select_prefix(clocked):
     assert len(list(t.select())) == 7
     with pytest.raises(TypeError):
         list(t.select(prefix=1))
-    with pytest.raises(NotImplementedError):
-        list(t.select(owner=os.getpid()))
+    assert list(t.select(owner=os.getpid())) == []   # nothing owned yet
+    t.set("user:3", 3, owned=True)
+    assert list(t.select(owner=os.getpid())) == [("user:3", 3)]
+    assert list(t.select(prefix="nomatch", owner=os.getpid())) == []
     t.check()
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import shmreg
 from shmreg import _core
-from conftest import spawn_py, unique_name
+from _helpers import spawn_py, unique_name
 
 # shm_header_t (src/shmreg/_shm.h), little endian, up to creator_pid.
 HEADER_FMT = "<QIIQIIIIQQQQQQQQQIIIIQ"

@@ -29,7 +29,7 @@ import pytest
 
 import shmreg
 from shmreg import _core
-from conftest import run_py
+from _helpers import run_py
 
 ABSENT = "<absent>"  # never stored as a value by these tests
 

@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 import shmreg
-from conftest import run_py, unique_name
+from _helpers import run_py, unique_name
 
 
 def _child_attach_and_exit(name: str) -> None:

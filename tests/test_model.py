@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import shmreg
-from conftest import unique_name
+from _helpers import unique_name
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)

@@ -9,7 +9,7 @@ import threading
 import time
 
 import shmreg
-from conftest import spawn_py
+from _helpers import spawn_py
 
 
 def _wait_stopped(pid: int, timeout: float = 30) -> None:

@@ -19,12 +19,17 @@ from shmreg.errors import (
     TableNotFoundError,
     ValueTooLargeError,
 )
+from shmreg.registry import Registration, Registry
 from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, unlink
+from shmreg.watcher import Watcher
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Table",
+    "Registry",
+    "Registration",
+    "Watcher",
     "unlink",
     "list_tables",
     "MISSING",

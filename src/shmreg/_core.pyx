@@ -1372,11 +1372,12 @@ cdef class CoreTable:
             return None
         return p.pid
 
-    def _reap(self, uint32_t owner, bint collect):
+    def _reap(self, uint32_t owner, bint collect, bint delete=True):
         """Delete every entry owned by ``owner`` (0: every entry whose owner is
         dead).  Returns ``(count, records)``, records as ``(key, value,
-        expires_ns, owner)`` when ``collect``.  Locking each shard also
-        repairs any write a dead owner left half done."""
+        expires_ns, owner)`` when ``collect``.  With ``delete=False`` only
+        collect them (the watcher's post-mortem, before the delete).  Locking
+        each shard also repairs any write a dead owner left half done."""
         cdef uint32_t si, i
         cdef uint64_t v, off
         cdef uint64_t *ix
@@ -1407,7 +1408,8 @@ cdef class CoreTable:
                     if collect:
                         if recbuf_append(&b, it, it.klen, it.vlen, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
                             st = ST_NOMEM
-                    self.unpublish(si, i, off)
+                    if delete:
+                        self.unpublish(si, i, off)
                     n += 1
                 self.unlock(si)
                 if st == ST_NOMEM:
@@ -1729,7 +1731,7 @@ cdef class CoreTable:
                     vtype = 0
                 if want == 3:
                     val = PyBytes_FromStringAndSize(ar + off + ITEM_HDR, vlen)
-                elif want == 0:
+                elif want == 0 or want == 4:
                     if vtype == VT_INT:
                         if vlen == 8:
                             memcpy(&iv, ar + off + ITEM_HDR, 8)
@@ -1757,11 +1759,11 @@ cdef class CoreTable:
             if shm_load_rlx(&sh.seq) != s1:
                 self._read_retries += 1
                 continue
-            if pos == -2 or (pos >= 0 and (want == 0 or want == 3 or want == 4) and vtype == 0):
+            if pos == -2 or (pos >= 0 and want != 1 and want != 2 and vtype == 0):
                 break   # stable but implausible: let the locked path decide
             if pos < 0 or (exp != 0 and exp <= self.now()) or (own != 0 and not self.owner_alive(own)):
                 self._misses += 1
-                if want == 0:
+                if want == 0 or want == 4:
                     if default is _MISSING:
                         raise KeyError(key)
                     return default
@@ -1822,7 +1824,7 @@ cdef class CoreTable:
             raise MemoryError()
         if pos < 0:
             self._misses += 1
-            if want == 0:
+            if want == 0 or want == 4:
                 if default is _MISSING:
                     raise KeyError(key)
                 return default

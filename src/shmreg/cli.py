@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import shmreg
@@ -30,6 +31,39 @@ def _cmd_stat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from shmreg.watcher import Watcher
+
+    stop = threading.Event()
+
+    def on_death(pid: int, entries: list) -> None:
+        print(f"pid {pid} died owning {len(entries)} entries", flush=True)
+        for k, v in entries:
+            print(f"  {k!r}: {v!r}", flush=True)
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    w = Watcher(args.name, on_death=on_death, interval=args.interval)
+    w.start()
+    print(f"watching {args.name!r} (pid {os.getpid()}); waiting for the lease...", flush=True)
+    announced = False
+    while not stop.wait(0.1):
+        if w.active and not announced:
+            print("active: reaping owners as they die", flush=True)
+            announced = True
+        if not w._thread.is_alive():
+            break
+    w.stop()
+    print(f"stopped: reaped {w.reaped_entries} entries of {w.reaped_processes} dead processes", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="shmreg", description="Inspect and exercise shmreg shared-memory tables.")
@@ -49,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="table name")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_stat)
+
+    p = sub.add_parser("watch", help="reap the entries of owner processes as they die",
+                       description="Run a watcher on a table: print what each dead owner "
+                                   "process owned (post-mortem), then reap it.  Exits on "
+                                   "SIGINT/SIGTERM.  Several can run: one is active, the "
+                                   "others stand by and take over when it dies.")
+    p.add_argument("name", help="table name")
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between full sweeps (default 1)")
+    p.set_defaults(func=_cmd_watch)
     return ap
 
 

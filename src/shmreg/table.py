@@ -26,9 +26,11 @@ _live_tables: "weakref.WeakSet[Table]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # Read counters are per process: a forked child starts its own.
+    # Read counters and the owner slot are per process: a forked child starts
+    # its own (its entries must not live on through the parent's slot).
     for t in list(_live_tables):
         t._hits = t._misses = t._read_retries = t._lock_fallbacks = 0
+        t._self_owner_id = 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -212,18 +214,63 @@ class Table(_core.CoreTable):
     def select(self, prefix: str | bytes | None = None, owner: int | None = None
                ) -> Iterator[tuple]:
         """Iterate ``(key, value)`` pairs, optionally only keys starting with
-        ``prefix`` (same type as the keys: ``str`` or ``bytes``).  Shard by
-        shard, like ``items()``."""
-        if owner is not None:
-            raise NotImplementedError("select(owner=) comes with the owner/watcher work")
+        ``prefix`` (same type as the keys: ``str`` or ``bytes``) and only
+        entries owned by the live process ``owner`` (a pid).  Shard by shard,
+        like ``items()``."""
         if prefix is not None and not isinstance(prefix, (str, bytes)):
             raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")
+        if owner is None:
+            for si in range(self.nshards):
+                yield from self._shard_entries(si, 3, prefix)
+            return
+        owners = self._owner_ids(owner)
+        if not owners:
+            return
         for si in range(self.nshards):
-            yield from self._shard_entries(si, 3, prefix)
+            for key, value, _exp, own in self._shard_entries(si, 4, prefix):
+                if own in owners:
+                    yield key, value
+
+    def owner(self, key: Any) -> int | None:
+        """Pid of the live process that owns ``key``; None if the entry is not
+        owned.  :raises KeyError: absent (or its owner is dead)."""
+        value_owner = self._get_owned(key, MISSING)
+        if value_owner is MISSING:
+            raise KeyError(key)
+        return self._owner_pid(value_owner[1]) if value_owner[1] else None
+
+    def _owner_ids(self, pid: int) -> set:
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"owner must be a pid (int), not {type(pid).__name__}")
+        return {p["owner"] for p in self._proc_table() if p["pid"] == pid and p["alive"]}
 
     def reap(self, pid: int, *, force: bool = False) -> int:
-        """Delete the entries owned by ``pid`` (comes with the owner/watcher work)."""
-        raise NotImplementedError("reap comes with the owner/watcher work")
+        """Delete the entries owned by process ``pid`` and return how many.
+
+        Idempotent: 0 when a watcher (or an earlier call) already reaped them.
+        A live ``pid`` is left alone (returns 0) unless ``force``: then its
+        entries are deleted but it keeps its slot.  Entries of a dead owner
+        are already invisible to every read; reaping frees their memory.
+        """
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"pid must be an int, not {type(pid).__name__}")
+        n = 0
+        for p in self._proc_table():
+            if p["pid"] != pid or (p["alive"] and not force):
+                continue
+            n += self._reap(p["owner"], False)[0]
+            self._release(p["owner"])
+        return n
+
+    def reap_dead(self) -> int:
+        """Delete every entry whose owner is dead (including owners whose pid
+        is no longer known), free their process slots; return how many."""
+        n = 0
+        for p in self._proc_table():
+            if not p["alive"]:
+                n += self._reap(p["owner"], False)[0]
+                self._release(p["owner"])
+        return n + self._reap(0, False)[0]
 
     # -- introspection ---------------------------------------------------------
 
@@ -252,6 +299,8 @@ class Table(_core.CoreTable):
             "tombstones": s["tombstones"],
             "with_ttl": s["with_ttl"],
             "owned": s["owned"],
+            "owner_processes": sum(1 for p in self._proc_table() if p["alive"]),
+            "watcher_pid": self._lease_holder(),
             "sets": s["sets"],
             "deletes": s["deletes"],
             "repairs": s["repairs"],

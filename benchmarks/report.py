@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Quick comparison report (plain Python, no pytest): prints Markdown.
+
+    python benchmarks/report.py [--no-redis] [--no-lmdb] [--no-memory] [--no-scaling]
+
+The same comparisons as the pytest-benchmark suite (see _bench_common.py):
+100,000 entries of 16-byte keys and 64-byte values; get hit, get miss, set
+(overwrite) and update_counter on the same 1,000 keys for every backend -
+a dict, shmreg, py-lmdb and (when redis-server is on PATH) Redis over a unix
+socket - timed with ``timeit`` (best of ``--repeat`` runs of 1,000 ops);
+then memory per entry and 1 vs 2 reader processes.  Takes ~30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import timeit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _bench_common as bc  # noqa: E402
+
+import shmreg  # noqa: E402
+
+
+def time_ns_per_op(fn, repeat: int, target: float = 0.02) -> float:
+    """Best of ``repeat`` timings, in ns per operation (``fn`` does bc.OPS ops)."""
+    t1 = timeit.timeit(fn, number=1)
+    number = max(1, int(target / max(t1, 1e-9)))
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number / bc.OPS * 1e9
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-redis", action="store_true", help="skip Redis")
+    ap.add_argument("--no-lmdb", action="store_true", help="skip py-lmdb")
+    ap.add_argument("--no-memory", action="store_true", help="skip memory per entry")
+    ap.add_argument("--no-scaling", action="store_true", help="skip 1 vs 2 reader processes")
+    ap.add_argument("--repeat", type=int, default=7, help="timeit repeats (best is kept)")
+    ap.add_argument("--duration", type=float, default=1.0, help="seconds per reader-scaling run")
+    args = ap.parse_args(argv)
+
+    ds = bc.Dataset()
+    stores: dict = {"dict": bc.make_dict(ds)}
+    notes: list = []
+    versions = [f"Python {platform.python_version()}", f"shmreg {shmreg.__version__}"]
+    tmp = tempfile.mkdtemp(prefix="shmreg-report-")
+    name = bc.unique_table_name("report")
+    server = None
+    try:
+        stores["shmreg"] = bc.make_shmreg(ds, name)
+        if not args.no_lmdb:
+            try:
+                import lmdb
+            except ImportError:
+                notes.append("lmdb: skipped (py-lmdb is not installed)")
+            else:
+                stores["lmdb"] = bc.make_lmdb(ds, os.path.join(tmp, "lmdb"))
+                versions.append(f"py-lmdb {lmdb.__version__} (LMDB {'.'.join(map(str, lmdb.version()))})")
+        if not args.no_redis:
+            binary = bc.redis_server_binary()
+            if binary is None:
+                notes.append("redis: skipped (redis-server is not on PATH)")
+            else:
+                try:
+                    import redis
+                except ImportError:
+                    notes.append("redis: skipped (redis-py is not installed)")
+                else:
+                    rdir = os.path.join(tmp, "redis")
+                    os.mkdir(rdir)
+                    server = bc.RedisServer(rdir, binary).start()
+                    stores["redis"] = server.client()
+                    bc.fill_redis(ds, stores["redis"])
+                    ver = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                                         timeout=10).stdout.split()
+                    sv = next((w[2:] for w in ver if w.startswith("v=")), "?")
+                    versions.append(f"redis-server {sv} + redis-py {redis.__version__}")
+
+        # -- ns/op -----------------------------------------------------------------
+        ns: dict = {}
+        for backend, store in stores.items():
+            bc.check_backend(backend, store, ds)
+            # LMDB: gets reuse one read txn, aborted before the write loops run.
+            txn = store.begin() if backend == "lmdb" else None
+            try:
+                loops = bc.backend_loops(backend, store, ds, txn)
+                for op in ("get-hit", "get-miss"):
+                    ns[(op, backend)] = time_ns_per_op(loops[op], args.repeat)
+            finally:
+                if txn is not None:
+                    txn.abort()
+            loops = bc.backend_loops(backend, store, ds)
+            for op in ("set-overwrite", "update_counter"):
+                ns[(op, backend)] = time_ns_per_op(loops[op], args.repeat)
+        if server is not None:
+            floor = bc.redis_wire_floor_ns(server.socket, ds.hit_keys[0])
+            notes.append(f"redis: a GET round trip on the unix socket with no client library takes "
+                         f"{floor:,.0f} ns; the rest of the redis column is redis-py.")
+
+        print(f"### shmreg vs dict / py-lmdb / Redis ({platform.machine()}, {os.cpu_count()} CPUs)\n")
+        print("; ".join(versions) + ".\n")
+        print(f"{ds.n:,} entries, {bc.KEY_LEN}-byte keys, {bc.VALUE_LEN}-byte values; "
+              f"each figure is the best of {args.repeat} timeit runs of {bc.OPS:,} ops on the same "
+              f"{bc.OPS:,} keys, in ns per op (Python loop included).\n")
+        print(bc.markdown_ops_table(ns))
+        print()
+        print("- dict: in-process `dict.get` / `d[k] = v` / `d[k] += 1` (the floor; not shared).")
+        print("- shmreg: `t.get(k)` / `t[k] = v` / `t.update_counter(k)`, capacity 110,000.")
+        if "lmdb" in stores:
+            print("- lmdb: gets reuse one read txn; one write txn per set; counter = get + put in one "
+                  "write txn; `sync=False, metasync=False, writemap=True` (not durable, like shmreg).")
+        if "redis" in stores:
+            print("- redis: GET / SET / INCR through redis-py over a unix socket, one round trip each.")
+        for n in notes:
+            print(f"- {n}")
+        print()
+
+        # -- memory ----------------------------------------------------------------
+        if not args.no_memory:
+            mem = {"shmreg": bc.shmreg_memory(ds), "dict": bc.dict_memory(ds)}
+            if "lmdb" in stores:
+                mem["lmdb"] = bc.lmdb_memory(ds, os.path.join(tmp, "lmdb-mem"))
+            if "redis" in stores:
+                mem["redis"] = bc.redis_memory(ds, stores["redis"])
+            print(f"### Memory per entry ({ds.n:,} entries, {bc.KEY_LEN}-byte keys, "
+                  f"{bc.VALUE_LEN}-byte values)\n")
+            print(bc.markdown_memory_table(mem))
+            print()
+
+        # -- reader scaling --------------------------------------------------------
+        if not args.no_scaling:
+            r = bc.reader_scaling(name, duration=args.duration, repeats=2)
+            print(f"### Read scaling across processes (get hits, {os.cpu_count()} CPUs, "
+                  f"{args.duration:g} s runs, best of 2)\n")
+            print("| readers | total ops/s | ns/op per reader | CPU share per reader | ops per CPU second |")
+            print("|---:|---:|---:|---:|---:|")
+            print(f"| 1 | {r['ops_per_s_1_reader']:,.0f} | {1e9 / r['ops_per_s_1_reader']:,.0f} | "
+                  f"{r['cpu_share_1_reader'][0]:.2f} | {r['ops_per_cpu_s_1_reader']:,.0f} |")
+            per = r["per_reader_ops_per_s_2_readers"]
+            print(f"| 2 | {r['ops_per_s_2_readers']:,.0f} | "
+                  f"{' / '.join(f'{1e9 / x:,.0f}' for x in per)} | "
+                  f"{' / '.join(f'{x:.2f}' for x in r['cpu_share_2_readers'])} | "
+                  f"{' / '.join(f'{x:,.0f}' for x in r['ops_per_cpu_s_2_readers'])} |")
+            print(f"\n2 readers / 1 reader = **{r['ratio_2_vs_1']:.2f}x** (target >= 1.8x: "
+                  f"{'met' if r['meets_target'] else 'missed'}).  CPU share = reader CPU time / wall "
+                  "time: below 1, other processes took CPU during the run.  Work per CPU second "
+                  f"with 2 readers vs 1: {r['per_cpu_efficiency_2_vs_1']:.2f} (1.0 = the readers do "
+                  "not slow each other down).")
+    finally:
+        for backend, store in stores.items():
+            if backend in ("shmreg", "lmdb", "redis"):
+                store.close()
+        try:
+            shmreg.unlink(name)
+        except shmreg.TableNotFoundError:
+            pass
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

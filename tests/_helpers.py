@@ -1,0 +1,41 @@
+"""Helpers for tests that run real child processes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+_counter = itertools.count()
+
+
+def unique_name(tag: str = "t") -> str:
+    """A table name no other test (or test run) uses."""
+    return f"test-{tag}-{os.getpid()}-{next(_counter)}"
+
+
+def run_py(code: str, *args: str, env: dict | None = None, timeout: float = 60,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (``sys.argv[1:] == args``)."""
+    full_env = dict(os.environ)
+    full_env.pop("SHMREG_CRASH_AT", None)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def spawn_py(code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start ``code`` in a fresh interpreter without waiting for it."""
+    full_env = dict(os.environ)
+    full_env.pop("SHMREG_CRASH_AT", None)
+    if env:
+        full_env.update(env)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env)
