@@ -99,7 +99,7 @@ cdef extern from "_shm.h" nogil:
         shm_lock_u lock
         uint64_t seq, flags, top, used
         uint32_t count, tombs, nttl, nowned
-        uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full
+        uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full, binmap
         uint64_t bins[64]
 
     ctypedef struct shm_item_t:
@@ -121,6 +121,7 @@ cdef extern from "_shm.h" nogil:
     void shm_seq_begin(uint64_t *seq)
     void shm_seq_end(uint64_t *seq)
     void shm_cpu_relax()
+    int shm_ctz64(uint64_t v)
     uint64_t shm_hash(const unsigned char *p, size_t n, unsigned ktype, uint64_t s0, uint64_t s1)
     int shm_mutex_init(pthread_mutex_t *m)
     int shm_mutex_consistent(pthread_mutex_t *m)
@@ -1031,6 +1032,7 @@ cdef class CoreTable:
         if top > self.arena_size:
             return ST_CORRUPT
         sh.n_coalesces += 1
+        sh.binmap = 0
         for b in range(SHMREG_NBINS):
             sh.bins[b] = NIL
         while pos < top:
@@ -1056,6 +1058,7 @@ cdef class CoreTable:
                 b = bin_of(size)
                 (<uint64_t *>(ar + pos + 8))[0] = sh.bins[b]
                 sh.bins[b] = pos
+                sh.binmap |= 1ULL << b
             pos += size
         return 0
 
@@ -1130,9 +1133,17 @@ cdef class CoreTable:
         cdef char *ar = self.arena(si)
         cdef uint32_t b = bin_of(need), bb, steps
         cdef uint64_t cur, prev, nxt, size, rest
-        for bb in range(b, SHMREG_NBINS):
+        cdef uint64_t pending = sh.binmap & (~0ULL << b)
+        while pending:
+            # Only bins that may hold blocks (binmap is a hint: a stale bit
+            # costs one look at an empty list).
+            bb = shm_ctz64(pending)
+            pending &= pending - 1
             prev = NIL
             cur = sh.bins[bb]
+            if cur == NIL:
+                sh.binmap &= ~(1ULL << bb)
+                continue
             steps = 0
             while cur != NIL and steps < 64:
                 size = (<shm_item_t *>(ar + cur)).size if cur <= self.arena_size - BLOCK_MIN else 0
@@ -1157,6 +1168,7 @@ cdef class CoreTable:
                         shm_store_rlx(<uint64_t *>(ar + cur + need), make_word0(rest, 0, 0, 0))
                         (<uint64_t *>(ar + cur + need + 8))[0] = sh.bins[bin_of(rest)]
                         sh.bins[bin_of(rest)] = cur + need
+                        sh.binmap |= 1ULL << bin_of(rest)
                         SHM_CRASH_POINT(CP_ALLOC_SPLIT)
                         size = need
                     shm_store_rlx(<uint64_t *>(ar + cur), make_word0(size, 0, 0, BLOCK_USED))
@@ -1191,6 +1203,7 @@ cdef class CoreTable:
         b = bin_of(size)
         (<uint64_t *>(ar + off + 8))[0] = sh.bins[b]
         sh.bins[b] = off
+        sh.binmap |= 1ULL << b
 
     # -- owners ------------------------------------------------------------------
 
@@ -2089,6 +2102,7 @@ cdef class CoreTable:
                     SHM_CRASH_POINT(CP_CLEAR_HALF)
             shm_seq_end(&sh.seq)
             sh.top = 0
+            sh.binmap = 0
             for b in range(SHMREG_NBINS):
                 sh.bins[b] = NIL
             sh.count = sh.tombs = sh.nttl = sh.nowned = 0

@@ -98,7 +98,8 @@ typedef struct {
     uint32_t nttl;           /* entries with an expiry */
     uint32_t nowned;         /* entries with an owner */
     uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full;
-    uint64_t reserved[14];
+    uint64_t binmap;         /* hint: bit b set if bins[b] may be non-empty (derived) */
+    uint64_t reserved[13];
     uint64_t bins[SHMREG_NBINS];   /* free-list heads, arena offsets, NIL = empty */
 } shm_shard_t;
 
@@ -146,6 +147,7 @@ static inline void shm_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE)
 static inline void shm_fence_seq(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline uint32_t shm_load32_rlx(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void shm_or_rlx(uint64_t *p, uint64_t v) { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+static inline int shm_ctz64(uint64_t v) { return __builtin_ctzll(v); }
 
 /* Seqlock writer: seq odd, then (release) the data stores, then seq even. */
 static inline void shm_seq_begin(uint64_t *seq) {
