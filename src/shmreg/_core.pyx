@@ -60,7 +60,7 @@ cdef extern from "pthread.h" nogil:
 cdef extern from "_shm.h" nogil:
     uint64_t SHMREG_MAGIC
     int SHMREG_LAYOUT, SHMREG_HEADER_SIZE, SHMREG_NPROCS, SHMREG_NBINS, SHMREG_HAVE_ROBUST
-    int ITEM_HDR, BLOCK_MIN, BLOCK_USED, SHARD_REBUILDING
+    int ITEM_HDR, BLOCK_MIN, BLOCK_USED, SHARD_REBUILDING, TABLE_CLOCK
     uint64_t NIL, SLOT_OFFMASK, SLOT_TAGMASK, SLOT_CLOCK, SLOT_EMPTY, SLOT_TOMB
     int EOWNERDEAD, ENOTRECOVERABLE
     int SHM_DEBUG
@@ -86,7 +86,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t procs_off, shards_off, index_off, arena_off
         uint32_t nprocs, proc_size, shard_size, bins
         uint64_t creator_pid, creator_start, created_unix_ns
-        uint64_t lease_pid, lease_start, lease_gen
+        uint64_t lease_pid, lease_start, lease_gen, table_flags
         shm_lock_u procs_lock, lease_lock
 
     ctypedef struct shm_proc_t:
@@ -100,6 +100,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t seq, flags, top, used
         uint32_t count, tombs, nttl, nowned
         uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full, binmap
+        uint64_t hand, n_evictions, n_expired
         uint64_t bins[64]
 
     ctypedef struct shm_item_t:
@@ -118,6 +119,7 @@ cdef extern from "_shm.h" nogil:
     void shm_store_rlx(uint64_t *p, uint64_t v)
     void shm_fence_acq()
     void shm_fence_rel()
+    void shm_or_rlx(uint64_t *p, uint64_t v)
     void shm_seq_begin(uint64_t *seq)
     void shm_seq_end(uint64_t *seq)
     void shm_cpu_relax()
@@ -163,6 +165,7 @@ DEF MAX_KEY = 65535
 DEF PUT_SET = 0
 DEF PUT_NEW = 1
 DEF PUT_CAS = 2
+DEF PUT_EVICT = 4   # flag: make room by evicting (expired first, then CLOCK)
 
 # Status codes of the C-level operations.
 DEF ST_OK = 1
@@ -290,7 +293,8 @@ def plan_layout(uint64_t capacity, uint64_t memory, shards=None):
 
 
 def init_segment(int fd, dict plan, uint64_t seed0, uint64_t seed1,
-                 uint64_t creator_pid, uint64_t creator_start, uint64_t created_unix_ns):
+                 uint64_t creator_pid, uint64_t creator_start, uint64_t created_unix_ns,
+                 bint clock=False):
     """Write a fresh layout into the (zero-filled, fully allocated) file ``fd``.
 
     The magic is stored last, with release ordering: an opener that sees the
@@ -328,6 +332,7 @@ def init_segment(int fd, dict plan, uint64_t seed0, uint64_t seed1,
         h.creator_pid = creator_pid
         h.creator_start = creator_start
         h.created_unix_ns = created_unix_ns
+        h.table_flags = TABLE_CLOCK if clock else 0
         rc = shm_mutex_init(&h.procs_lock.m) or shm_mutex_init(&h.lease_lock.m)
         if rc:
             raise OSError(rc, "pthread_mutex_init: " + os.strerror(rc))
@@ -643,6 +648,10 @@ cdef class CoreTable:
     cdef uint32_t *pidfd_gen
     #: Owner id of this process in this table (0 until its first owned write).
     cdef public uint32_t _self_owner_id
+    # A cache table: readers set the CLOCK bit of what they hit (only when clear).
+    cdef bint mark_clock
+    #: Live entries the last write of this process evicted.
+    cdef public long _last_evicted
     cdef object _clock
     # Per-process read counters: readers never write shared memory.
     cdef public uint64_t _hits, _misses, _read_retries, _lock_fallbacks
@@ -744,6 +753,7 @@ cdef class CoreTable:
         self.index_base = <uint64_t *>(base + h.index_off)
         self.arena_base = base + h.arena_off
         self.procs_base = base + h.procs_off
+        self.mark_clock = (h.table_flags & TABLE_CLOCK) != 0
         self._clock = clock
         self.is_closed = False
 
@@ -1104,12 +1114,12 @@ cdef class CoreTable:
                 return ST_CORRUPT
             pos = <uint32_t>(((h & 0xffffffffULL) * self.slots) >> 32)
             for i in range(self.slots):
-                if ix[pos] == SLOT_EMPTY:
+                if (ix[pos] & SLOT_OFFMASK) == SLOT_EMPTY:
                     break
                 pos += 1
                 if pos == self.slots:
                     pos = 0
-            if ix[pos] != SLOT_EMPTY:
+            if (ix[pos] & SLOT_OFFMASK) != SLOT_EMPTY:
                 free(blocks)
                 return ST_CORRUPT
             shm_store_rlx(&ix[pos], (h & SLOT_TAGMASK) | (off + 8))
@@ -1466,14 +1476,72 @@ cdef class CoreTable:
 
     # -- the write operation ---------------------------------------------------
 
+    cdef long purge_shard(self, uint32_t si, uint64_t now, int64_t keep, bint dead_too) noexcept nogil:
+        """Delete the expired (and with ``dead_too`` the dead-owned) entries of
+        shard ``si``, never slot ``keep``; lock held.  Returns how many."""
+        cdef shm_shard_t *sh = self.shard(si)
+        cdef uint64_t *ix = self.idx(si)
+        cdef char *ar = self.arena(si)
+        cdef uint64_t v, off
+        cdef uint32_t i
+        cdef shm_item_t *it
+        cdef long n = 0
+        if sh.nttl == 0 and (sh.nowned == 0 or not dead_too):
+            return 0
+        for i in range(self.slots):
+            v = ix[i]
+            off = v & SLOT_OFFMASK
+            if off <= SLOT_TOMB or <int64_t>i == keep or not self.item_ok_in(ar, off - 8):
+                continue
+            it = <shm_item_t *>(ar + off - 8)
+            if (it.expires and it.expires <= now) or (dead_too and not self.owner_alive(it.owner)):
+                self.unpublish(si, i, off - 8)
+                sh.n_expired += 1
+                n += 1
+        return n
+
+    cdef int evict_one(self, uint32_t si, uint64_t now, int64_t keep) noexcept nogil:
+        """Evict one entry of shard ``si`` by CLOCK (lock held), never slot
+        ``keep``: an entry whose reference bit is set gets it cleared and a
+        second chance.  1: a live entry was evicted, 0: an expired or
+        dead-owned one, -1: nothing evictable."""
+        cdef shm_shard_t *sh = self.shard(si)
+        cdef uint64_t *ix = self.idx(si)
+        cdef char *ar = self.arena(si)
+        cdef uint64_t v, off, h
+        cdef uint32_t step
+        cdef shm_item_t *it
+        for step in range(2 * self.slots + 1):
+            h = sh.hand % self.slots
+            sh.hand = h + 1
+            v = ix[h]
+            off = v & SLOT_OFFMASK
+            if off <= SLOT_TOMB or <int64_t>h == keep or not self.item_ok_in(ar, off - 8):
+                continue
+            it = <shm_item_t *>(ar + off - 8)
+            if (it.expires and it.expires <= now) or not self.owner_alive(it.owner):
+                self.unpublish(si, h, off - 8)
+                sh.n_expired += 1
+                return 0
+            if v & SLOT_CLOCK:
+                # Clearing the bit changes nothing a reader can see: no seqlock.
+                shm_store_rlx(&ix[h], v & ~SLOT_CLOCK)
+                continue
+            self.unpublish(si, h, off - 8)
+            sh.n_evictions += 1
+            return 1
+        return -1
+
     cdef int put(self, uint32_t si, KeyRef *k, ValRef *v, uint64_t expires, uint32_t owner,
                  int mode, uint64_t now, ValRef *expect, RecBuf *old) noexcept nogil:
         """Store ``k`` -> ``v`` in shard ``si`` (lock held).
 
         mode PUT_SET: always store.  PUT_NEW: only if absent or expired (else
         copy the live item into ``old`` when given).  PUT_CAS: only if the
-        stored raw value equals ``expect``.  Returns ST_OK, ST_NO, ST_FULL,
-        ST_CORRUPT or ST_NOMEM.
+        stored raw value equals ``expect``.  With the PUT_EVICT flag, room is
+        made by evicting (``self._last_evicted`` counts live victims) instead
+        of returning ST_FULL.  Returns ST_OK, ST_NO, ST_FULL, ST_CORRUPT or
+        ST_NOMEM.
         """
         cdef shm_shard_t *sh = self.shard(si)
         cdef char *ar = self.arena(si)
@@ -1484,6 +1552,9 @@ cdef class CoreTable:
         cdef shm_item_t *ot = NULL
         cdef bint live
         cdef int r
+        cdef bint evict = (mode & PUT_EVICT) != 0
+        cdef int tries = 0
+        mode &= 3
         SHM_CRASH_POINT(CP_SET_LOCKED)
         pos = self.find(si, k, &off, &ins)
         if pos == -2:
@@ -1508,14 +1579,23 @@ cdef class CoreTable:
         elif ins < 0 or ((ix[ins] & SLOT_OFFMASK) == SLOT_EMPTY and sh.count + sh.tombs >= self.max_fill):
             # (Reusing a tombstone never raises count + tombs: no rebuild needed.)
             if sh.tombs == 0 or sh.count >= self.max_fill:
-                sh.n_full += 1
-                return ST_FULL
-            # Tombstones use up the probe budget: rebuild the index without them.
-            shm_seq_begin(&sh.seq)
-            r = self.rebuild_index(si, 0)
-            shm_seq_end(&sh.seq)
-            if r < 0:
-                return r
+                if not evict:
+                    sh.n_full += 1
+                    return ST_FULL
+                self.purge_shard(si, now, -1, True)
+                while sh.count >= self.max_fill or (sh.tombs == 0 and sh.count + sh.tombs >= self.max_fill):
+                    r = self.evict_one(si, now, -1)
+                    if r < 0:
+                        sh.n_full += 1
+                        return ST_FULL
+                    self._last_evicted += r
+            if sh.count + sh.tombs >= self.max_fill:
+                # Tombstones use up the probe budget: rebuild the index without them.
+                shm_seq_begin(&sh.seq)
+                r = self.rebuild_index(si, 0)
+                shm_seq_end(&sh.seq)
+                if r < 0:
+                    return r
             pos = self.find(si, k, &off, &ins)
             if pos != -1 or ins < 0:
                 return ST_CORRUPT
@@ -1527,9 +1607,31 @@ cdef class CoreTable:
             if self.coalesce(si) < 0:
                 return ST_CORRUPT
             noff = self.alloc_block(si, need)
+        if noff == NIL and evict:
+            # Expired entries first, then CLOCK victims; never the entry being
+            # replaced (it stays until the new one is published).
+            if self.purge_shard(si, now, pos, True) > 0:
+                if self.coalesce(si) < 0:
+                    return ST_CORRUPT
+                noff = self.alloc_block(si, need)
+            while noff == NIL:
+                r = self.evict_one(si, now, pos)
+                if r < 0:
+                    break
+                self._last_evicted += r
+                noff = self.alloc_block(si, need)
+                tries += 1
+                if noff == NIL and tries % 8 == 0:
+                    if self.coalesce(si) < 0:
+                        return ST_CORRUPT
+                    noff = self.alloc_block(si, need)
             if noff == NIL:
-                sh.n_full += 1
-                return ST_FULL
+                if self.coalesce(si) < 0:
+                    return ST_CORRUPT
+                noff = self.alloc_block(si, need)
+        if noff == NIL:
+            sh.n_full += 1
+            return ST_FULL
         SHM_CRASH_POINT(CP_SET_ALLOCATED)
         it = <shm_item_t *>(ar + noff)
         memcpy(ar + noff + ITEM_HDR, v.p, v.n)
@@ -1626,6 +1728,7 @@ cdef class CoreTable:
         cdef uint64_t exp = self.expires_at(ttl, now)
         cdef uint32_t si = self.shard_of(k.h)
         cdef int st
+        self._last_evicted = 0
         self.lock(si)
         st = self.put(si, &k, &v, exp, owner, mode, now, expect, old)
         self.unlock(si)
@@ -1689,6 +1792,12 @@ cdef class CoreTable:
         finally:
             free(old.data)
 
+    def _cache_put(self, key, value, ttl, bint only_new, bint evict):
+        """Store for the cache layer: ``(stored, live entries evicted)``."""
+        st = self.store(key, value, ttl, (PUT_NEW if only_new else PUT_SET) | (PUT_EVICT if evict else 0),
+                        NULL, NULL)
+        return st == ST_OK, self._last_evicted
+
     def _get_raw(self, key):
         """``(value type, encoded value bytes)`` of ``key``, or None if absent."""
         return self.lookup(key, None, 3)
@@ -1744,7 +1853,7 @@ cdef class CoreTable:
                     vtype = 0
                 if want == 3:
                     val = PyBytes_FromStringAndSize(ar + off + ITEM_HDR, vlen)
-                elif want == 0 or want == 4:
+                elif want == 0 or want == 4 or want == 5:
                     if vtype == VT_INT:
                         if vlen == 8:
                             memcpy(&iv, ar + off + ITEM_HDR, 8)
@@ -1774,9 +1883,9 @@ cdef class CoreTable:
                 continue
             if pos == -2 or (pos >= 0 and want != 1 and want != 2 and vtype == 0):
                 break   # stable but implausible: let the locked path decide
-            if pos < 0 or (exp != 0 and exp <= self.now()) or (own != 0 and not self.owner_alive(own)):
+            if pos < 0 or (exp != 0 and want != 5 and exp <= self.now()) or (own != 0 and not self.owner_alive(own)):
                 self._misses += 1
-                if want == 0 or want == 4:
+                if want == 0 or want == 4 or want == 5:
                     if default is _MISSING:
                         raise KeyError(key)
                     return default
@@ -1786,6 +1895,11 @@ cdef class CoreTable:
                     return None
                 raise KeyError(key)
             self._hits += 1
+            if self.mark_clock:
+                # The one store a reader may make: the CLOCK reference bit,
+                # only when clear (so a hot entry costs one store, ever).
+                if not (shm_load_rlx(&self.idx(si)[pos]) & SLOT_CLOCK):
+                    shm_or_rlx(&self.idx(si)[pos], SLOT_CLOCK)
             if want == 1:
                 return True
             if want == 2:
@@ -1796,6 +1910,8 @@ cdef class CoreTable:
                 val = unpickle(val)
             if want == 4:
                 return (val, own)
+            if want == 5:
+                return (val, exp)
             return val
         return self.lookup_locked(si, &k, key, default, want)
 
@@ -1826,7 +1942,7 @@ cdef class CoreTable:
         pos = self.find(si, k, &off, &ins)
         if pos >= 0:
             it = <shm_item_t *>(ar + off)
-            if (it.expires and it.expires <= now) or not self.owner_alive(it.owner):
+            if (it.expires and it.expires <= now and want != 5) or not self.owner_alive(it.owner):
                 pos = -1
             elif recbuf_append(rb, it, it.klen, it.vlen, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
                 st = ST_NOMEM
@@ -1837,7 +1953,7 @@ cdef class CoreTable:
             raise MemoryError()
         if pos < 0:
             self._misses += 1
-            if want == 0 or want == 4:
+            if want == 0 or want == 4 or want == 5:
                 if default is _MISSING:
                     raise KeyError(key)
                 return default
@@ -1858,9 +1974,9 @@ cdef class CoreTable:
         memcpy(&exp, rb.data + 16, 8)
         if want == 2:
             return -1 if exp == 0 else <int64_t>(exp - now)
-        if want == 4:
+        if want == 4 or want == 5:
             rec = self.parse_records(rb, 4, None)[0]
-            return (rec[1], rec[3])
+            return (rec[1], rec[3]) if want == 4 else (rec[1], rec[2])
         return self.parse_records(rb, 2, None)[0]
 
     def get(self, key, default=None):
@@ -1883,6 +1999,11 @@ cdef class CoreTable:
     def _get_owned(self, key, default=None):
         """``(value, owner id)`` of ``key`` (owner 0: not owned), or ``default``."""
         return self.lookup(key, default, 4)
+
+    def _get_stale(self, key, default=None):
+        """``(value, expires_ns)`` of ``key`` even if it has expired (until it
+        is purged or evicted), or ``default``; ``expires_ns`` 0 = never."""
+        return self.lookup(key, default, 5)
 
     def _ttl_ns(self, key):
         """Remaining lifetime of ``key`` in ns, -1 if it never expires; KeyError if absent."""
@@ -1910,6 +2031,7 @@ cdef class CoreTable:
                 st = ST_NOMATCH
             elif (it.expires and it.expires <= now) or not self.owner_alive(it.owner):
                 st = ST_NO      # expired or owner dead: gone for the caller, purge it anyway
+                self.shard(si).n_expired += 1
             elif out != NULL and recbuf_append(out, it, it.klen, it.vlen, ar + off + ITEM_HDR, ar + off + ITEM_HDR + it.vlen) < 0:
                 st = ST_NOMEM
             if st != ST_NOMEM and st != ST_NOMATCH:
@@ -2060,10 +2182,8 @@ cdef class CoreTable:
 
     def purge_expired(self):
         """Delete every expired entry now; return how many were deleted."""
-        cdef uint32_t si, i
-        cdef uint64_t v, off, now
-        cdef uint64_t *ix
-        cdef shm_item_t *it
+        cdef uint32_t si
+        cdef uint64_t now
         cdef long n = 0
         self.check_open()
         now = self.now()
@@ -2071,15 +2191,7 @@ cdef class CoreTable:
             if self.shard(si).nttl == 0:
                 continue
             self.lock(si)
-            ix = self.idx(si)
-            for i in range(self.slots):
-                v = ix[i]
-                off = v & SLOT_OFFMASK
-                if off > SLOT_TOMB and self.item_ok_in(self.arena(si), off - 8):
-                    it = <shm_item_t *>(self.arena(si) + off - 8)
-                    if it.expires and it.expires <= now:
-                        self.unpublish(si, i, off - 8)
-                        n += 1
+            n += self.purge_shard(si, now, -1, False)
             self.unlock(si)
         return n
 
@@ -2264,7 +2376,7 @@ cdef class CoreTable:
         """The segment header as a dict (geometry, seeds excluded)."""
         self.check_open()
         h = self.hdr
-        return dict(layout=h.layout, total_size=h.total_size, nshards=h.nshards,
+        return dict(layout=h.layout, clock_bits=bool(h.table_flags & TABLE_CLOCK), total_size=h.total_size, nshards=h.nshards,
                     slots_per_shard=h.slots, max_fill=h.max_fill, arena_size=h.arena_size,
                     capacity=h.capacity, memory=h.memory, nprocs=h.nprocs,
                     creator_pid=h.creator_pid, created_unix_ns=h.created_unix_ns)
@@ -2276,7 +2388,7 @@ cdef class CoreTable:
         self.check_open()
         tot = dict(count=0, tombstones=0, with_ttl=0, owned=0, bytes_used=0, arena_top=0,
                    sets=0, deletes=0, repairs=0, index_rebuilds=0, coalesces=0, full=0,
-                   max_shard_count=0)
+                   evictions=0, expirations=0, max_shard_count=0)
         for si in range(self.nsh):
             sh = self.shard(si)
             tot["count"] += sh.count
@@ -2291,6 +2403,8 @@ cdef class CoreTable:
             tot["index_rebuilds"] += sh.n_rebuilds
             tot["coalesces"] += sh.n_coalesces
             tot["full"] += sh.n_full
+            tot["evictions"] += sh.n_evictions
+            tot["expirations"] += sh.n_expired
             tot["max_shard_count"] = max(tot["max_shard_count"], sh.count)
         return tot
 

@@ -118,7 +118,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def create(name: str, plan: dict, mode: int) -> None:
+def create(name: str, plan: dict, mode: int, clock_bits: bool = False) -> None:
     """Create and publish a fully initialised segment, or raise TableExistsError.
 
     The segment is built under a private name and then hard-linked to its
@@ -137,7 +137,7 @@ def create(name: str, plan: dict, mode: int) -> None:
         _reserve(fd, plan["total_size"], name)
         seed = secrets.randbits(128)
         _core.init_segment(fd, plan, seed & (2**64 - 1), seed >> 64, os.getpid(),
-                           start_time(os.getpid()) or 0, time.time_ns())
+                           start_time(os.getpid()) or 0, time.time_ns(), clock_bits)
         try:
             os.link(tmp, final)
         except FileExistsError:

@@ -58,7 +58,8 @@ typedef struct {
      * standbys wait on it and the kernel hands it over (EOWNERDEAD) when the
      * holder dies. */
     uint64_t lease_pid, lease_start, lease_gen, lease_reserved;
-    uint64_t reserved[24];
+    uint64_t table_flags;    /* TABLE_CLOCK: readers set reference bits (a cache) */
+    uint64_t reserved[23];
     union { pthread_mutex_t m; char pad[64]; } procs_lock;  /* guards slot claims */
     union { pthread_mutex_t m; char pad[64]; } lease_lock;
 } shm_header_t;
@@ -99,7 +100,10 @@ typedef struct {
     uint32_t nowned;         /* entries with an owner */
     uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full;
     uint64_t binmap;         /* hint: bit b set if bins[b] may be non-empty (derived) */
-    uint64_t reserved[13];
+    uint64_t hand;           /* CLOCK hand: next index slot the evictor looks at */
+    uint64_t n_evictions;    /* live entries evicted to make room */
+    uint64_t n_expired;      /* expired entries removed (purge, eviction, delete) */
+    uint64_t reserved[10];
     uint64_t bins[SHMREG_NBINS];   /* free-list heads, arena offsets, NIL = empty */
 } shm_shard_t;
 
@@ -121,6 +125,7 @@ typedef struct {
 #define BLOCK_MIN 32
 #define BLOCK_USED 1
 #define SHARD_REBUILDING 1
+#define TABLE_CLOCK 1
 #define NIL UINT64_MAX
 
 /* Index slot: bit 63 clock (reference) bit, bits 48-62 tag, bits 0-47 offset+8.

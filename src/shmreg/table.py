@@ -71,7 +71,8 @@ class Table(_core.CoreTable):
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
                  shards: int | None = None, mode: int = 0o600,
-                 clock: Callable[[], float] | None = None, _how: str = "auto") -> None:
+                 clock: Callable[[], float] | None = None, _how: str = "auto",
+                 _clock_bits: bool = False) -> None:
         self.name = _segment.check_name(name)
         if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
             raise TypeError("capacity must be an int")
@@ -96,7 +97,7 @@ class Table(_core.CoreTable):
             mem = default_memory(cap) if memory is None else memory
             plan = _core.plan_layout(cap, mem, shards)
             try:
-                _segment.create(name, plan, mode)
+                _segment.create(name, plan, mode, _clock_bits)
             except TableExistsError:
                 if _how == "create":
                     raise
@@ -307,6 +308,8 @@ class Table(_core.CoreTable):
             "index_rebuilds": s["index_rebuilds"],
             "coalesces": s["coalesces"],
             "full_errors": s["full"],
+            "evictions": s["evictions"],
+            "expirations": s["expirations"],
             "hits": self._hits,
             "misses": self._misses,
             "read_retries": self._read_retries,
