@@ -8,6 +8,7 @@
 """
 
 from shmreg._core import MISSING
+from shmreg.cache import Cache
 from shmreg.errors import (
     AlreadyRegisteredError,
     CorruptTableError,
@@ -30,6 +31,7 @@ __all__ = [
     "Registry",
     "Registration",
     "Watcher",
+    "Cache",
     "unlink",
     "list_tables",
     "MISSING",

@@ -624,7 +624,11 @@ class _Missing:
 
 
 _MISSING = _Missing()
+#: Sentinel for "no default given" (``pop``/``take``); ``get(k, MISSING)``
+#: returns it for an absent key.
 MISSING = _MISSING
+# Internal: makes a lookup raise KeyError instead of returning a default.
+_RAISE = object()
 
 
 cdef class CoreTable:
@@ -1886,7 +1890,7 @@ cdef class CoreTable:
             if pos < 0 or (exp != 0 and want != 5 and exp <= self.now()) or (own != 0 and not self.owner_alive(own)):
                 self._misses += 1
                 if want == 0 or want == 4 or want == 5:
-                    if default is _MISSING:
+                    if default is _RAISE:
                         raise KeyError(key)
                     return default
                 if want == 1:
@@ -1954,7 +1958,7 @@ cdef class CoreTable:
         if pos < 0:
             self._misses += 1
             if want == 0 or want == 4 or want == 5:
-                if default is _MISSING:
+                if default is _RAISE:
                     raise KeyError(key)
                 return default
             if want == 1:
@@ -1991,7 +1995,7 @@ cdef class CoreTable:
         return self.lookup(key, default, 0)
 
     def __getitem__(self, key):
-        return self.lookup(key, _MISSING, 0)
+        return self.lookup(key, _RAISE, 0)
 
     def __contains__(self, key):
         return self.lookup(key, None, 1)
