@@ -2,13 +2,16 @@
 """Quick comparison report (plain Python, no pytest): prints Markdown.
 
     python benchmarks/report.py [--no-redis] [--no-lmdb] [--no-memory] [--no-scaling]
+                                [--no-registry]
 
 The same comparisons as the pytest-benchmark suite (see _bench_common.py):
 100,000 entries of 16-byte keys and 64-byte values; get hit, get miss, set
 (overwrite) and update_counter on the same 1,000 keys for every backend -
 a dict, shmreg, py-lmdb and (when redis-server is on PATH) Redis over a unix
 socket - timed with ``timeit`` (best of ``--repeat`` runs of 1,000 ops);
-then memory per entry and 1 vs 2 reader processes.  Takes ~30 s.
+then memory per entry, 1 vs 2 reader processes, and the registry: reap
+latency after SIGKILL with and without a watcher, and the cost of reading
+owned entries (see _bench_registry.py).  Takes ~30 s.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import timeit
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench_common as bc  # noqa: E402
+import _bench_registry as br  # noqa: E402
 
 import shmreg  # noqa: E402
 
@@ -42,6 +46,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-lmdb", action="store_true", help="skip py-lmdb")
     ap.add_argument("--no-memory", action="store_true", help="skip memory per entry")
     ap.add_argument("--no-scaling", action="store_true", help="skip 1 vs 2 reader processes")
+    ap.add_argument("--no-registry", action="store_true",
+                    help="skip the registry (reap latency, owned-entry reads)")
+    ap.add_argument("--reap-rounds", type=int, default=br.REAP_ROUNDS,
+                    help=f"SIGKILLed owners per reap scenario (default {br.REAP_ROUNDS})")
     ap.add_argument("--repeat", type=int, default=7, help="timeit repeats (best is kept)")
     ap.add_argument("--duration", type=float, default=1.0, help="seconds per reader-scaling run")
     args = ap.parse_args(argv)
@@ -153,6 +161,11 @@ def main(argv=None) -> int:
                   "time: below 1, other processes took CPU during the run.  Work per CPU second "
                   f"with 2 readers vs 1: {r['per_cpu_efficiency_2_vs_1']:.2f} (1.0 = the readers do "
                   "not slow each other down).")
+
+        # -- registry ----------------------------------------------------------------
+        if not args.no_registry:
+            print()
+            registry_section(args.repeat, args.reap_rounds)
     finally:
         for backend, store in stores.items():
             if backend in ("shmreg", "lmdb", "redis"):
@@ -165,6 +178,45 @@ def main(argv=None) -> int:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def registry_section(repeat: int, rounds: int) -> None:
+    """Print the registry section: reap latency per scenario, then reads."""
+    reap = {sc: br.reap_latency(sc, rounds) for sc in br.REAP_SCENARIOS}
+    print(f"### Registry: reap latency after SIGKILL ({os.cpu_count()} CPUs)\n")
+    print(f"{rounds} owner processes per scenario, each holding {br.ENTRIES_PER_CHILD} entries "
+          f"({br.REG_KEYS} `Registry.register` keys + {br.OWNED_KEYS} `set(..., owned=True)`), "
+          "killed one at a time; ms from `os.kill` until the entries are *gone* (a watcher "
+          "deleted them: `stats()['owned']` dropped), *invisible* (`Registry.lookup` returns "
+          "None) and *exited* (a pidfd of the process turned readable).  Target: gone p99 < "
+          f"{br.REAP_TARGET_P99_MS:g} ms.\n")
+    print(br.markdown_reap_table(reap))
+    print()
+    print("- no watcher: entries are invisible as soon as the owner is dead (every read checks "
+          "the owner's liveness), but stay in memory until reaped (`t.reap(pid)` here).")
+    print("- watcher process: `shmreg watch NAME`.  watcher thread: a `Watcher` thread in the "
+          "measuring process, whose poll loop sleeps 50 us between checks; busy poller: the loop "
+          "never sleeps, so the watcher thread waits for the GIL (5 ms switch interval).")
+    bad = {sc: r["failures"] for sc, r in reap.items() if r["failures"]}
+    if bad:
+        print(f"- **failed rounds**: {bad}")
+    print()
+
+    lb = br.LookupBench()
+    try:
+        lb.check()
+        ns = {op: time_ns_per_op(fn, repeat) for op, fn in lb.loops().items()}
+        lb.check()
+    finally:
+        lb.close()
+    print(f"### Registry: reading owned entries ({bc.OPS:,} reads per run, {bc.KEY_LEN}-byte keys, "
+          f"{bc.VALUE_LEN}-byte values, one table, best of {repeat})\n")
+    print(br.markdown_lookup_table(ns))
+    print()
+    print("- A process that registered itself is checked with one load of its liveness mutex; "
+          "one registered by another with `register(key, pid=...)` costs a `poll()` of a pidfd "
+          "per read.  `Registry.lookup` also builds a `Registration` namedtuple and resolves "
+          "the pid; `whereis` is a `lookup` plus a call.")
 
 
 if __name__ == "__main__":

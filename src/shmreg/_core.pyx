@@ -22,6 +22,7 @@ Protocol (DESIGN.md section 4), as built here:
   the arena's USED blocks are), and the repair re-derives the rest.
 """
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memcmp, memset
 from libc.stdlib cimport malloc, realloc, free, abort
@@ -631,6 +632,49 @@ MISSING = _MISSING
 _RAISE = object()
 
 
+@cython.freelist(32)
+@cython.final
+cdef class Registration:
+    """A live registration: the owning process's ``pid`` and the ``value``.
+
+    Behaves like the named tuple ``(pid, value)`` (unpacking, indexing,
+    equality with tuples), built in C because ``Registry.lookup`` is a hot
+    read path.
+    """
+    cdef readonly object pid
+    cdef readonly object value
+
+    def __init__(self, pid, value):
+        self.pid = pid
+        self.value = value
+
+    def __iter__(self):
+        return iter((self.pid, self.value))
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return (self.pid, self.value)[i]
+
+    def __eq__(self, other):
+        if isinstance(other, (Registration, tuple)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash((self.pid, self.value))
+
+    def __repr__(self):
+        return f"Registration(pid={self.pid!r}, value={self.value!r})"
+
+    def __reduce__(self):
+        return (Registration, (self.pid, self.value))
+
+    def _asdict(self):
+        return {"pid": self.pid, "value": self.value}
+
+
 cdef class CoreTable:
     """The mapped segment and the typed operations on it.
 
@@ -656,6 +700,8 @@ cdef class CoreTable:
     cdef bint mark_clock
     #: Live entries the last write of this process evicted.
     cdef public long _last_evicted
+    # Owner id of the entry the last successful lookup hit (GIL-protected).
+    cdef uint32_t last_owner
     cdef object _clock
     # Per-process read counters: readers never write shared memory.
     cdef public uint64_t _hits, _misses, _read_retries, _lock_fallbacks
@@ -1899,6 +1945,7 @@ cdef class CoreTable:
                     return None
                 raise KeyError(key)
             self._hits += 1
+            self.last_owner = own
             if self.mark_clock:
                 # The one store a reader may make: the CLOCK reference bit,
                 # only when clear (so a hot entry costs one store, ever).
@@ -1967,6 +2014,7 @@ cdef class CoreTable:
                 return None
             raise KeyError(key)
         self._hits += 1
+        memcpy(&self.last_owner, rb.data + 12, 4)
         if want == 1:
             return True
         cdef uint64_t exp
@@ -1999,6 +2047,34 @@ cdef class CoreTable:
 
     def __contains__(self, key):
         return self.lookup(key, None, 1)
+
+    cdef object owner_pid_of_last(self):
+        cdef uint32_t own = self.last_owner
+        cdef uint32_t slot = (own & 0xfff) - 1
+        if own == 0 or slot >= <uint32_t>SHMREG_NPROCS:
+            return None
+        return self.proc(slot).pid
+
+    def _registration(self, key):
+        """The live registration of ``key`` as a :class:`Registration`, or None
+        (absent, not owned, or owner dead): one lock-free read."""
+        cdef Registration reg
+        val = self.lookup(key, _MISSING, 0)
+        if val is _MISSING:
+            return None
+        pid = self.owner_pid_of_last()
+        if pid is None:
+            return None
+        reg = Registration.__new__(Registration)
+        reg.pid = pid
+        reg.value = val
+        return reg
+
+    def _whereis(self, key):
+        """Pid of the live owner of ``key``, or None (no value is copied)."""
+        if not self.lookup(key, None, 1):
+            return None
+        return self.owner_pid_of_last()
 
     def _get_owned(self, key, default=None):
         """``(value, owner id)`` of ``key`` (owner 0: not owned), or ``default``."""

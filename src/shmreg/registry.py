@@ -9,21 +9,14 @@ liveness mutex, no syscall).
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 from shmreg import _proc
-from shmreg._core import MISSING
+from shmreg._core import MISSING, Registration
 from shmreg.errors import AlreadyRegisteredError
 from shmreg.table import Table
 
 __all__ = ["Registry", "Registration"]
-
-
-class Registration(NamedTuple):
-    """A live registration: the owning process and the registered value."""
-
-    pid: int
-    value: Any
 
 
 class Registry:
@@ -42,6 +35,10 @@ class Registry:
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None) -> None:
         self.table = Table(name, capacity=capacity, memory=memory)
+        # The two hot reads go straight to the C implementation (no Python
+        # frame in between); the methods below document them.
+        self.lookup = self.table._registration  # type: ignore[method-assign]
+        self.whereis = self.table._whereis  # type: ignore[method-assign]
 
     def close(self) -> None:
         """Close the underlying table (registrations stay: they belong to processes)."""
@@ -86,17 +83,13 @@ class Registry:
 
     def lookup(self, key: Any) -> Registration | None:
         """The live registration of ``key``, or None.  Never returns a
-        registration whose owner is dead."""
-        held = self.table._get_owned(key, None)
-        if held is None or not held[1]:
-            return None
-        pid = self.table._owner_pid(held[1])
-        return None if pid is None else Registration(pid, held[0])
+        registration whose owner is dead; costs no syscall when the owner
+        registered itself."""
+        return self.table._registration(key)
 
     def whereis(self, key: Any) -> int | None:
         """Pid of the live process registered under ``key``, or None."""
-        reg = self.lookup(key)
-        return None if reg is None else reg.pid
+        return self.table._whereis(key)
 
     def unregister(self, key: Any) -> bool:
         """Remove the calling process's registration of ``key``; True if it
