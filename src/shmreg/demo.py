@@ -39,6 +39,8 @@ def _worker(name: str, wid: int, seconds: float, go) -> None:
 
 def _victim(name: str, go, kill_after: int) -> None:
     t = shmreg.Table.open(name)
+    # An owned entry: it lives exactly as long as this process.
+    t.set("worker:victim", {"pid": os.getpid(), "doing": "writing victim:* keys"}, owned=True)
     # The crash hook: SIGKILL ourselves inside our `kill_after`-th write, after
     # the new value is published and while the shard lock is held.
     _core._arm_crash_point(f"set:published:{kill_after}")
@@ -48,6 +50,19 @@ def _victim(name: str, go, kill_after: int) -> None:
         t[f"victim:{i}"] = os.urandom(256)
         t["victim:done"] = i + 1   # committed writes so far
         i += 1
+
+
+def _cache_user(name: str, go) -> None:
+    cache = shmreg.Cache(name)
+    go.wait()
+
+    def expensive() -> str:
+        cache.table.update_counter("factory-calls", ttl=60)
+        time.sleep(0.3)
+        return "the answer"
+
+    cache.get_or_set("report", expensive)
+    cache.close()
 
 
 def run(workers: int = 4, seconds: float = 2.0, out=sys.stdout) -> int:
@@ -66,6 +81,10 @@ def run(workers: int = 4, seconds: float = 2.0, out=sys.stdout) -> int:
     try:
         p(f"shmreg demo: table {name!r} at {t.path}, {t.stats()['shards']} shards")
         p(f"starting {workers} workers for {seconds:.1f}s, plus one that will be kill -9'd mid-write")
+        deaths = []
+        watcher = shmreg.Watcher(t, on_death=lambda pid, entries: deaths.append((pid, dict(entries))),
+                                 interval=0.2)
+        watcher.start()
         go = ctx.Event()
         procs = [ctx.Process(target=_worker, args=(name, w, seconds, go)) for w in range(workers)]
         victim = ctx.Process(target=_victim, args=(name, go, 400))
@@ -100,6 +119,31 @@ def run(workers: int = 4, seconds: float = 2.0, out=sys.stdout) -> int:
         t["after-crash"] = "the next writer repaired the shard and carried on"
         st = t.stats()
         verdict(st["repairs"] >= 1, f"shards repaired after the crash: {st['repairs']}")
+        verdict("worker:victim" not in t,
+                "its owned entry 'worker:victim' vanished with it (no cleanup code ran)")
+        deadline = time.monotonic() + 5
+        while not deaths and time.monotonic() < deadline:
+            time.sleep(0.01)
+        post = next((e for pid, e in deaths if pid == victim.pid), None)
+        verdict(post is not None and post.get("worker:victim", {}).get("pid") == victim.pid,
+                f"the watcher's post-mortem: pid {victim.pid} was {post and post['worker:victim']['doing']!r}")
+
+        p("")
+        p("cache single flight:")
+        cname = f"{name}-cache"
+        cache = shmreg.Cache(cname, ttl=60, capacity=1000, memory=1 << 20)
+        go2 = ctx.Event()
+        users = [ctx.Process(target=_cache_user, args=(cname, go2)) for _ in range(workers)]
+        for u in users:
+            u.start()
+        t0 = time.monotonic()
+        go2.set()
+        for u in users:
+            u.join(30)
+        verdict(all(u.exitcode == 0 for u in users) and cache.table["factory-calls"] == 1,
+                f"{workers} processes asked for the same missing key at once: the 0.3 s factory "
+                f"ran {cache.table['factory-calls']} time(s), all done in {time.monotonic() - t0:.2f} s")
+        cache.unlink()
 
         p("")
         p("TTL:")
@@ -107,8 +151,9 @@ def run(workers: int = 4, seconds: float = 2.0, out=sys.stdout) -> int:
         p(f"  {live} sessions with a 0.5 s TTL right after the run")
         time.sleep(0.6)
         gone = sum(1 for _ in t.select(prefix="session:"))
-        purged = t.purge_expired()
-        verdict(gone == 0, f"0.6 s later none is visible; purge_expired() freed {purged}")
+        t.purge_expired()   # (the watcher's sweep may have done it already)
+        verdict(gone == 0, f"0.6 s later none is visible, and the memory of "
+                           f"{t.stats()['expirations']} expired entries has been reclaimed")
 
         p("")
         t.check()
@@ -118,6 +163,8 @@ def run(workers: int = 4, seconds: float = 2.0, out=sys.stdout) -> int:
         p("")
         p("demo passed" if ok else "demo FAILED")
     finally:
+        if "watcher" in locals():
+            watcher.stop()
         t.close()
         shmreg.unlink(name)
     return 0 if ok else 1
