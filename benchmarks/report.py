@@ -2,7 +2,7 @@
 """Quick comparison report (plain Python, no pytest): prints Markdown.
 
     python benchmarks/report.py [--no-redis] [--no-lmdb] [--no-memory] [--no-scaling]
-                                [--no-registry]
+                                [--no-registry] [--no-cache]
 
 The same comparisons as the pytest-benchmark suite (see _bench_common.py):
 100,000 entries of 16-byte keys and 64-byte values; get hit, get miss, set
@@ -11,7 +11,10 @@ a dict, shmreg, py-lmdb and (when redis-server is on PATH) Redis over a unix
 socket - timed with ``timeit`` (best of ``--repeat`` runs of 1,000 ops);
 then memory per entry, 1 vs 2 reader processes, and the registry: reap
 latency after SIGKILL with and without a watcher, and the cost of reading
-owned entries (see _bench_registry.py).  Takes ~30 s.
+owned entries (see _bench_registry.py); and the cache: hit latency of
+shmreg.Cache against cachetools, diskcache and Redis, and 8 processes
+sharing one cache (single flight) against a cache per process (see
+_bench_cache.py).  Takes ~30 s.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _bench_cache as bk  # noqa: E402
 import _bench_common as bc  # noqa: E402
 import _bench_registry as br  # noqa: E402
 
@@ -48,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scaling", action="store_true", help="skip 1 vs 2 reader processes")
     ap.add_argument("--no-registry", action="store_true",
                     help="skip the registry (reap latency, owned-entry reads)")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="skip the cache (hit latency, single flight across processes)")
     ap.add_argument("--reap-rounds", type=int, default=br.REAP_ROUNDS,
                     help=f"SIGKILLed owners per reap scenario (default {br.REAP_ROUNDS})")
     ap.add_argument("--repeat", type=int, default=7, help="timeit repeats (best is kept)")
@@ -166,6 +172,11 @@ def main(argv=None) -> int:
         if not args.no_registry:
             print()
             registry_section(args.repeat, args.reap_rounds)
+
+        # -- cache -------------------------------------------------------------------
+        if not args.no_cache:
+            print()
+            cache_section(ds, stores, tmp, args.repeat)
     finally:
         for backend, store in stores.items():
             if backend in ("shmreg", "lmdb", "redis"):
@@ -217,6 +228,64 @@ def registry_section(repeat: int, rounds: int) -> None:
           "one registered by another with `register(key, pid=...)` costs a `poll()` of a pidfd "
           "per read.  `Registry.lookup` also builds a `Registration` namedtuple and resolves "
           "the pid; `whereis` is a `lookup` plus a call.")
+
+
+def cache_section(ds: "bc.Dataset", stores: dict, tmp: str, repeat: int) -> None:
+    """Print the cache section: get hits per cache, then single flight."""
+    caches: dict = {}
+    notes: list = []
+    name = bc.unique_table_name("report-cache")
+    caches["shmreg-cache"] = caches["shmreg-get_or_set"] = bk.make_shmreg_cache(ds, name)
+    try:
+        caches["shmreg-table"] = stores["shmreg"]
+        try:
+            caches["cachetools"] = bk.make_ttlcache(ds)
+        except ImportError:
+            notes.append("cachetools: skipped (not installed: pip install cachetools)")
+        try:
+            caches["diskcache"] = bk.make_diskcache(ds, os.path.join(tmp, "diskcache"))
+        except ImportError:
+            notes.append("diskcache: skipped (not installed: pip install diskcache)")
+        if "redis" in stores:
+            caches["redis"] = stores["redis"]
+        ns = {}
+        for backend in bk.HIT_BACKENDS:
+            if backend in caches:
+                bk.check_hits(backend, caches[backend], ds)
+                ns[backend] = time_ns_per_op(bk.hit_loop(backend, caches[backend], ds), repeat)
+    finally:
+        caches["shmreg-cache"].close()
+        caches["shmreg-cache"].unlink()
+        if "diskcache" in caches:
+            caches["diskcache"].close()
+    print(f"### Cache: get hits ({bc.OPS:,} gets per run, {ds.n:,} entries, {bc.KEY_LEN}-byte keys, "
+          f"{bc.VALUE_LEN}-byte values, best of {repeat})\n")
+    print(bk.markdown_hits_table(ns))
+    print()
+    print("- shmreg `Cache`: ttl 1 h, capacity 110,000, shared by every process on the host; "
+          "`Table.get` is the table underneath (no hit counting, no cache layer).")
+    print("- cachetools `TTLCache` lives in one process: every worker holds (and fills) its own.")
+    print("- diskcache: SQLite in a tmp dir; redis: the server of the table above, no TTLs "
+          "(a GET costs the same).")
+    for n in notes:
+        print(f"- {n}")
+    print()
+    try:
+        import cachetools  # noqa: F401
+    except ImportError:
+        print("(single flight skipped: the per-process side needs cachetools)")
+        return
+    sf = {(mode, order): bk.single_flight(mode, order) for order in bk.SF_ORDERS for mode in bk.SF_MODES}
+    print(f"### Cache: single flight across processes ({bk.SF_PROCS} processes each need the same "
+          f"{bk.SF_KEYS} keys, factory {bk.SF_DELAY * 1e3:g} ms, {os.cpu_count()} CPUs)\n")
+    print(bk.markdown_single_flight_table(sf))
+    print()
+    print("- same order: every worker walks the keys in one order, so all of them wait for each "
+          "computation in turn (no wall-time gain, 8x fewer factory calls); staggered: worker *i* "
+          f"starts at key i x {bk.SF_KEYS}/{bk.SF_PROCS}, so the computations spread over the workers.")
+    bad = [k for k, r in sf.items() if r["factory_calls"] != r["expected_calls"] or not r["all_values_ok"]]
+    if bad:
+        print(f"- **unexpected factory calls or values**: {[(k, sf[k]) for k in bad]}")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ cdef extern from "pthread.h" nogil:
 cdef extern from "_shm.h" nogil:
     uint64_t SHMREG_MAGIC
     int SHMREG_LAYOUT, SHMREG_HEADER_SIZE, SHMREG_NPROCS, SHMREG_NBINS, SHMREG_HAVE_ROBUST
-    int ITEM_HDR, BLOCK_MIN, BLOCK_USED, SHARD_REBUILDING, TABLE_CLOCK
+    int ITEM_HDR, BLOCK_MIN, BLOCK_USED, BLOCK_REF, SHARD_REBUILDING, TABLE_CLOCK
     uint64_t NIL, SLOT_OFFMASK, SLOT_TAGMASK, SLOT_CLOCK, SLOT_EMPTY, SLOT_TOMB
     int EOWNERDEAD, ENOTRECOVERABLE
     int SHM_DEBUG
@@ -702,6 +702,10 @@ cdef class CoreTable:
     cdef public long _last_evicted
     # Owner id of the entry the last successful lookup hit (GIL-protected).
     cdef uint32_t last_owner
+    # Process-local cache of pid objects per slot (keyed by owner id), so a
+    # registry lookup does not allocate an int each time.
+    cdef list pid_objs
+    cdef uint32_t *pid_obj_owner
     cdef object _clock
     # Per-process read counters: readers never write shared memory.
     cdef public uint64_t _hits, _misses, _read_retries, _lock_fallbacks
@@ -714,9 +718,14 @@ cdef class CoreTable:
         self.pidfd_gen = <uint32_t *>malloc(SHMREG_NPROCS * sizeof(uint32_t))
         if self.pidfds == NULL or self.pidfd_gen == NULL:
             raise MemoryError()
+        self.pid_obj_owner = <uint32_t *>malloc(SHMREG_NPROCS * sizeof(uint32_t))
+        if self.pid_obj_owner == NULL:
+            raise MemoryError()
         for i in range(SHMREG_NPROCS):
             self.pidfds[i] = -1
             self.pidfd_gen[i] = 0
+            self.pid_obj_owner[i] = 0
+        self.pid_objs = [None] * SHMREG_NPROCS
 
     def __dealloc__(self):
         cdef int i
@@ -731,6 +740,7 @@ cdef class CoreTable:
                     close(self.pidfds[i])
             free(self.pidfds)
         free(self.pidfd_gen)
+        free(self.pid_obj_owner)
 
     # -- attach / validate -------------------------------------------------
 
@@ -1141,6 +1151,13 @@ cdef class CoreTable:
         if r < 0:
             return r
         if not from_repair:
+            # Park each slot's CLOCK bit in its item, so the rebuilt index
+            # keeps what readers marked (a repair honours what was parked).
+            for i in range(self.slots):
+                off = ix[i] & SLOT_OFFMASK
+                if (ix[i] & SLOT_CLOCK) and off > SLOT_TOMB and self.item_ok_in(ar, off - 8):
+                    it = <shm_item_t *>(ar + off - 8)
+                    shm_store_rlx(<uint64_t *>it, make_word0(it.size, it.klen, it.types, it.flags | BLOCK_REF))
             sh.flags |= SHARD_REBUILDING
             shm_fence_rel()
         for i in range(self.slots):
@@ -1172,7 +1189,11 @@ cdef class CoreTable:
             if (ix[pos] & SLOT_OFFMASK) != SLOT_EMPTY:
                 free(blocks)
                 return ST_CORRUPT
-            shm_store_rlx(&ix[pos], (h & SLOT_TAGMASK) | (off + 8))
+            if it.flags & BLOCK_REF:
+                shm_store_rlx(&ix[pos], (h & SLOT_TAGMASK) | (off + 8) | SLOT_CLOCK)
+                shm_store_rlx(<uint64_t *>it, make_word0(it.size, it.klen, it.types, BLOCK_USED))
+            else:
+                shm_store_rlx(&ix[pos], (h & SLOT_TAGMASK) | (off + 8))
             done += 1
             if done * 2 >= nused:
                 SHM_CRASH_POINT(CP_REBUILD_HALF)
@@ -1633,7 +1654,10 @@ cdef class CoreTable:
                     sh.n_full += 1
                     return ST_FULL
                 self.purge_shard(si, now, -1, True)
-                while sh.count >= self.max_fill or (sh.tombs == 0 and sh.count + sh.tombs >= self.max_fill):
+                # Evict a little headroom (1/32 of the shard) at once: the index
+                # rebuild that follows then happens once per headroom inserts,
+                # not on every insert at capacity.
+                while sh.count > self.max_fill - max(1, self.max_fill // 32):
                     r = self.evict_one(si, now, -1)
                     if r < 0:
                         sh.n_full += 1
@@ -1679,6 +1703,15 @@ cdef class CoreTable:
                 if self.coalesce(si) < 0:
                     return ST_CORRUPT
                 noff = self.alloc_block(si, need)
+            if pos < 0:
+                # Evictions unpublished slots: the insert slot found before
+                # may now lie beyond an EMPTY one, out of the key's probe
+                # chain.  Probe again.
+                pos = self.find(si, k, &off, &ins)
+                if pos != -1 or ins < 0:
+                    if noff != NIL:
+                        self.free_block(si, noff)
+                    return ST_CORRUPT
         if noff == NIL:
             sh.n_full += 1
             return ST_FULL
@@ -2053,7 +2086,10 @@ cdef class CoreTable:
         cdef uint32_t slot = (own & 0xfff) - 1
         if own == 0 or slot >= <uint32_t>SHMREG_NPROCS:
             return None
-        return self.proc(slot).pid
+        if self.pid_obj_owner[slot] != own:
+            self.pid_objs[slot] = self.proc(slot).pid
+            self.pid_obj_owner[slot] = own
+        return self.pid_objs[slot]
 
     def _registration(self, key):
         """The live registration of ``key`` as a :class:`Registration`, or None

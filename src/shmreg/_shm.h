@@ -124,6 +124,7 @@ typedef struct {
 #define ITEM_HDR 24
 #define BLOCK_MIN 32
 #define BLOCK_USED 1
+#define BLOCK_REF 2          /* carries an index slot's CLOCK bit through an index rebuild */
 #define SHARD_REBUILDING 1
 #define TABLE_CLOCK 1
 #define NIL UINT64_MAX

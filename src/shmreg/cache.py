@@ -53,14 +53,30 @@ class Cache(MutableMapping):
         self.table = Table(name, capacity=capacity, memory=memory, clock=clock, _clock_bits=True)
         self._clock = clock
         self._flights: Table | None = None
-        # Per-process counters: exact for this process, no shared writes.
-        self.hits = self.misses = self.sets = 0
+        # Hits and misses are the table's per-process read counters (exact
+        # for this process, no shared writes); the hot read goes straight to
+        # the C implementation, which counts them.
+        self.get = self.table.get  # type: ignore[method-assign]
+        self.sets = 0
 
     # -- lifecycle -------------------------------------------------------------
 
     @property
     def name(self) -> str:
         return self.table.name
+
+    @property
+    def hits(self) -> int:
+        """Reads of this process that found a live entry."""
+        return self.table._hits
+
+    @property
+    def misses(self) -> int:
+        """Reads of this process that found nothing (or an expired entry)."""
+        return self.table._misses
+
+    def _uncount(self, hits: int, misses: int) -> None:
+        self.table._hits, self.table._misses = hits, misses
 
     def close(self) -> None:
         """Close the cache's tables in this process (idempotent)."""
@@ -72,7 +88,8 @@ class Cache(MutableMapping):
         """Remove the cache (and its single-flight table) from the host."""
         self.table.unlink()
         try:
-            Table.open(self._flights_name()).unlink()
+            with Table.open(self._flights_name()) as flights:
+                flights.unlink()
         except TableNotFoundError:
             pass
 
@@ -100,23 +117,20 @@ class Cache(MutableMapping):
 
     # -- reads -------------------------------------------------------------------
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, key: Any, default: Any = None) -> Any:  # replaced per instance by table.get
         """The cached value of ``key``, or ``default`` (a miss)."""
-        v = self.table.get(key, MISSING)
-        if v is MISSING:
-            self.misses += 1
-            return default
-        self.hits += 1
-        return v
+        return self.table.get(key, default)
 
     def __getitem__(self, key: Any) -> Any:
-        v = self.get(key, MISSING)
-        if v is MISSING:
-            raise KeyError(key)
-        return v
+        return self.table[key]
 
     def __contains__(self, key: object) -> bool:
-        return key in self.table
+        # A membership test is not a cache read: keep the counters as they were.
+        h, m = self.table._hits, self.table._misses
+        try:
+            return key in self.table
+        finally:
+            self._uncount(h, m)
 
     def get_stale(self, key: Any, default: Any = None) -> tuple[Any, bool] | Any:
         """``(value, is_stale)`` of ``key`` even after it expired (until it is
@@ -126,14 +140,11 @@ class Cache(MutableMapping):
         """
         got = self.table._get_stale(key, MISSING)
         if got is MISSING:
-            self.misses += 1
             return default
         value, expires = got
         stale = expires != 0 and expires <= self._now_ns()
-        if stale:
-            self.misses += 1
-        else:
-            self.hits += 1
+        if stale:   # found, but expired: a miss for the statistics
+            self._uncount(self.table._hits - 1, self.table._misses + 1)
         return value, stale
 
     def _now_ns(self) -> int:
@@ -199,7 +210,8 @@ class Cache(MutableMapping):
     def stats(self) -> dict:
         """Counters and usage.
 
-        ``hits``, ``misses`` and ``sets`` are this process's (exact);
+        ``hits``, ``misses`` and ``sets`` are this process's (exact; a
+        ``get_or_set`` counts once, however long it waits);
         ``evictions`` and ``expirations`` are table-wide (shared counters
         kept by writers).
         """
@@ -224,7 +236,8 @@ class Cache(MutableMapping):
         # A separate, non-evicting table: a flight marker must never be
         # evicted by cache pressure (two workers would then compute).
         if self._flights is None:
-            self._flights = Table(self._flights_name(), capacity=4096, memory=4 << 20)
+            cap = max(4096, min(self.table.capacity, 1 << 16))
+            self._flights = Table(self._flights_name(), capacity=cap, memory=max(4 << 20, 128 * cap))
         return self._flights
 
     def get_or_set(self, key: Any, factory: Callable[[], Any], *, ttl: float | None = None,
@@ -241,11 +254,19 @@ class Cache(MutableMapping):
 
         :raises TimeoutError: no value within ``timeout`` seconds.
         """
+        self._ttl(ttl)  # bad ttl: fail before running the factory
         v = self.table.get(key, MISSING)
         if v is not MISSING:
-            self.hits += 1
             return v
-        self.misses += 1
+        # This call counts as the one miss above, however often it polls.
+        counted = self.table._hits, self.table._misses
+        try:
+            return self._single_flight(key, factory, ttl, timeout)
+        finally:
+            self._uncount(*counted)
+
+    def _single_flight(self, key: Any, factory: Callable[[], Any], ttl: float | None,
+                       timeout: float) -> Any:
         flights = self._flight_table()
         deadline = time.monotonic() + timeout
         delay = 0.0005
@@ -260,7 +281,9 @@ class Cache(MutableMapping):
                         self.set(key, v, ttl=ttl)
                     return v
                 finally:
-                    flights.delete(key)
+                    # Only our own mark: after a timeout another process may
+                    # have marked the key since.
+                    flights._delete_owned(key, flights._self_owner_id)
             v = self.table.get(key, MISSING)
             if v is not MISSING:
                 return v
