@@ -101,7 +101,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t seq, flags, top, used
         uint32_t count, tombs, nttl, nowned
         uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full, binmap
-        uint64_t hand, n_evictions, n_expired
+        uint64_t hand, n_evictions, n_expired, sampled_hits, sampled_misses
         uint64_t bins[64]
 
     ctypedef struct shm_item_t:
@@ -121,6 +121,7 @@ cdef extern from "_shm.h" nogil:
     void shm_fence_acq()
     void shm_fence_rel()
     void shm_or_rlx(uint64_t *p, uint64_t v)
+    void shm_add_rlx(uint64_t *p, uint64_t v)
     void shm_seq_begin(uint64_t *seq)
     void shm_seq_end(uint64_t *seq)
     void shm_cpu_relax()
@@ -1968,6 +1969,8 @@ cdef class CoreTable:
                 break   # stable but implausible: let the locked path decide
             if pos < 0 or (exp != 0 and want != 5 and exp <= self.now()) or (own != 0 and not self.owner_alive(own)):
                 self._misses += 1
+                if (self._misses & 63) == 0:
+                    shm_add_rlx(&sh.sampled_misses, 64)
                 if want == 0 or want == 4 or want == 5:
                     if default is _RAISE:
                         raise KeyError(key)
@@ -1978,6 +1981,8 @@ cdef class CoreTable:
                     return None
                 raise KeyError(key)
             self._hits += 1
+            if (self._hits & 63) == 0:
+                shm_add_rlx(&sh.sampled_hits, 64)
             self.last_owner = own
             if self.mark_clock:
                 # The one store a reader may make: the CLOCK reference bit,
@@ -2504,7 +2509,7 @@ cdef class CoreTable:
         self.check_open()
         tot = dict(count=0, tombstones=0, with_ttl=0, owned=0, bytes_used=0, arena_top=0,
                    sets=0, deletes=0, repairs=0, index_rebuilds=0, coalesces=0, full=0,
-                   evictions=0, expirations=0, max_shard_count=0)
+                   evictions=0, expirations=0, max_shard_count=0, sampled_hits=0, sampled_misses=0)
         for si in range(self.nsh):
             sh = self.shard(si)
             tot["count"] += sh.count
@@ -2521,6 +2526,8 @@ cdef class CoreTable:
             tot["full"] += sh.n_full
             tot["evictions"] += sh.n_evictions
             tot["expirations"] += sh.n_expired
+            tot["sampled_hits"] += sh.sampled_hits
+            tot["sampled_misses"] += sh.sampled_misses
             tot["max_shard_count"] = max(tot["max_shard_count"], sh.count)
         return tot
 

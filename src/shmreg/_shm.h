@@ -103,7 +103,10 @@ typedef struct {
     uint64_t hand;           /* CLOCK hand: next index slot the evictor looks at */
     uint64_t n_evictions;    /* live entries evicted to make room */
     uint64_t n_expired;      /* expired entries removed (purge, eviction, delete) */
-    uint64_t reserved[10];
+    /* Sampled read counters, on their own cache line (away from seq): each
+     * reader adds 64 once per 64 of its hits / misses. */
+    uint64_t sampled_hits, sampled_misses;
+    uint64_t reserved[8];
     uint64_t bins[SHMREG_NBINS];   /* free-list heads, arena offsets, NIL = empty */
 } shm_shard_t;
 
@@ -140,6 +143,7 @@ typedef struct {
 typedef char shm_assert_item[(sizeof(shm_item_t) == ITEM_HDR) ? 1 : -1];
 typedef char shm_assert_mutex[(sizeof(pthread_mutex_t) <= 64) ? 1 : -1];
 typedef char shm_assert_proc[(sizeof(shm_proc_t) == 128) ? 1 : -1];
+typedef char shm_assert_sampled_line[(offsetof(shm_shard_t, sampled_hits) / 64 != offsetof(shm_shard_t, seq) / 64) ? 1 : -1];
 typedef char shm_assert_hdr[(sizeof(shm_header_t) <= SHMREG_HEADER_SIZE) ? 1 : -1];
 
 /* ---- atomics ----------------------------------------------------------- */
@@ -153,6 +157,7 @@ static inline void shm_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE)
 static inline void shm_fence_seq(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline uint32_t shm_load32_rlx(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void shm_or_rlx(uint64_t *p, uint64_t v) { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+static inline void shm_add_rlx(uint64_t *p, uint64_t v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline int shm_ctz64(uint64_t v) { return __builtin_ctzll(v); }
 
 /* Seqlock writer: seq odd, then (release) the data stores, then seq even. */

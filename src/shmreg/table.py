@@ -279,9 +279,11 @@ class Table(_core.CoreTable):
         """Geometry, usage and counters.
 
         Shared counters (sets, deletes, repairs ...) are kept by writers under
-        their shard lock; read counters (hits, misses, retries, lock
-        fallbacks) belong to this process, since readers never write shared
-        memory.
+        their shard lock and are exact.  ``reads_hit``/``reads_missed`` count
+        the reads of every process, sampled: a reader adds 64 once per 64 of
+        its own hits (misses), so each process contributes up to 63 less than
+        it did.  ``hits``, ``misses``, ``read_retries`` and
+        ``lock_fallbacks`` are this process's, exact.
         """
         h = self._header()
         s = self._shard_stats()
@@ -310,6 +312,8 @@ class Table(_core.CoreTable):
             "full_errors": s["full"],
             "evictions": s["evictions"],
             "expirations": s["expirations"],
+            "reads_hit": s["sampled_hits"],
+            "reads_missed": s["sampled_misses"],
             "hits": self._hits,
             "misses": self._misses,
             "read_retries": self._read_retries,
