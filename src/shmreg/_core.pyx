@@ -613,6 +613,19 @@ cdef inline uint32_t bin_of(uint64_t size) noexcept nogil:
     return b
 
 
+cdef inline size_t block_index(const uint64_t *blocks, size_t nb, uint64_t off) noexcept nogil:
+    """Index of ``off`` in the ascending block starts, or where it would go
+    (``nb`` if past the end): callers check ``blocks[i] == off``."""
+    cdef size_t lo = 0, hi = nb, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if blocks[mid] < off:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef inline uint64_t make_word0(uint64_t size, uint64_t klen, uint64_t types, uint64_t flags) noexcept nogil:
     return size | (klen << 32) | (types << 48) | (flags << 56)
 
@@ -1033,14 +1046,7 @@ cdef class CoreTable:
             if off <= SLOT_TOMB:
                 continue
             off -= 8
-            lo = 0
-            hi = nb
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if blocks[mid] < off:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            lo = block_index(blocks, nb, off)
             if lo == nb or blocks[lo] != off or ref[lo]:
                 # A slot that points nowhere sane cannot come from a crash (every
                 # publish is one store of a complete item): the shard is corrupt.
@@ -2599,14 +2605,7 @@ cdef class CoreTable:
                 tombs += 1
                 continue
             off -= 8
-            lo = 0
-            hi = nb
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if blocks[mid] < off:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            lo = block_index(blocks, nb, off)
             if lo == nb or blocks[lo] != off:
                 e.code = 4; e.a = i; e.b = off
                 break
@@ -2644,14 +2643,7 @@ cdef class CoreTable:
                 cur = sh.bins[b]
                 steps = 0
                 while cur != NIL:
-                    lo = 0
-                    hi = nb
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        if blocks[mid] < cur:
-                            lo = mid + 1
-                        else:
-                            hi = mid
+                    lo = block_index(blocks, nb, cur)
                     if lo == nb or blocks[lo] != cur or mark[lo] or \
                             ((<shm_item_t *>(ar + cur)).flags & BLOCK_USED):
                         e.code = 14; e.a = b; e.b = cur

@@ -6,6 +6,18 @@ import os
 import sys
 
 
+def _stat_fields(pid: int) -> list | None:
+    """Fields of ``/proc/PID/stat`` after the command name (state first), or
+    None if the process is gone.  The name may contain spaces and
+    parentheses, so split after the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2:].split()
+
+
 def start_time(pid: int) -> int | None:
     """Start time of ``pid`` in an opaque integer unit, or None if it is gone.
 
@@ -14,14 +26,8 @@ def start_time(pid: int) -> int | None:
     create time in microseconds.
     """
     if sys.platform.startswith("linux"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-        # comm may contain spaces and parentheses: split after the last ')'.
-        fields = data[data.rindex(b")") + 2:].split()
-        return int(fields[19])
+        fields = _stat_fields(pid)
+        return None if fields is None else int(fields[19])
     try:
         import psutil
 
@@ -35,15 +41,10 @@ def is_alive(pid: int, started: int | None = None) -> bool:
     if pid <= 0:
         return False
     if sys.platform.startswith("linux"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] in (b"Z", b"X"):
             return False
-        rest = data[data.rindex(b")") + 2:].split()
-        if rest[0] in (b"Z", b"X"):
-            return False
-        return started is None or int(rest[19]) == started
+        return started is None or int(fields[19]) == started
     try:
         import psutil
 
