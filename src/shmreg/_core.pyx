@@ -1027,7 +1027,7 @@ cdef class CoreTable:
         cdef char *ar = self.arena(si)
         cdef uint64_t *ix = self.idx(si)
         cdef uint64_t *blocks = NULL
-        cdef size_t nb = 0, lo, hi, mid
+        cdef size_t nb = 0, lo, mid
         cdef uint8_t *ref
         cdef uint32_t i
         cdef uint64_t v, off
@@ -2559,7 +2559,7 @@ cdef class CoreTable:
         cdef char *ar = self.arena(si)
         cdef uint64_t *ix = self.idx(si)
         cdef uint64_t *blocks = NULL
-        cdef size_t nb = 0, lo, hi, mid
+        cdef size_t nb = 0, lo, mid
         cdef uint8_t *mark = NULL
         cdef uint32_t i, pos, count = 0, tombs = 0, nttl = 0, b
         cdef uint64_t v, off, used = 0, h, cur, steps, dummy
