@@ -185,9 +185,13 @@ def settings() -> Settings:
 
 # -- per-process attached objects ------------------------------------------------
 
+# One object per (kind, name) per process.  The fast path is one dict lookup
+# and a ``closed`` check (the helpers run on every request); a forked child
+# starts empty (at-fork hook, or the pid check where there is no such hook).
 _lock = threading.RLock()
 _objects: dict[tuple[str, str], Any] = {}
 _objects_pid = os.getpid()
+_HAS_AT_FORK = hasattr(os, "register_at_fork")
 
 
 def _reset_after_fork() -> None:
@@ -197,16 +201,17 @@ def _reset_after_fork() -> None:
     _objects_pid = os.getpid()
 
 
-if hasattr(os, "register_at_fork"):
+if _HAS_AT_FORK:
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _attached(kind: str, name: str, make: Any) -> Any:
-    if _objects_pid != os.getpid():    # forked without the at-fork hook (e.g. os.fork from C)
+def _closed(obj: Any) -> bool:
+    return (obj.table if isinstance(obj, (Cache, Registry)) else obj).closed
+
+
+def _attach(kind: str, name: str, make: Any) -> Any:
+    if not _HAS_AT_FORK and _objects_pid != os.getpid():
         _reset_after_fork()
-    obj = _objects.get((kind, name))
-    if obj is not None and not _closed(obj):
-        return obj
     with _lock:
         obj = _objects.get((kind, name))
         if obj is None or _closed(obj):
@@ -214,21 +219,32 @@ def _attached(kind: str, name: str, make: Any) -> Any:
         return obj
 
 
-def _closed(obj: Any) -> bool:
-    return (obj.table if isinstance(obj, (Cache, Registry)) else obj).closed
+def _make_table(name: str) -> Table:
+    spec = settings().tables.get(name)
+    if spec is None:
+        return Table(name)
+    return Table(name, capacity=spec.capacity, memory=spec.memory, shards=spec.shards, mode=spec.mode)
 
 
 def table(name: str) -> Table:
     """This process's :class:`~shmreg.Table` ``name`` (for a configured cache:
     the cache's table), opened or created once per process with the
     configured geometry."""
+    t = _objects.get(("table", name))
+    if t is not None and not t.closed and _HAS_AT_FORK:
+        return t
+    if isinstance(settings().tables.get(name), CacheSpec):
+        return _attach("table", name, lambda: cache(name).table)
+    return _attach("table", name, lambda: _make_table(name))
+
+
+def _make_cache(name: str) -> Cache:
     spec = settings().tables.get(name)
-    if isinstance(spec, CacheSpec):
-        return cache(name).table
     if spec is None:
-        return _attached("table", name, lambda: Table(name))
-    return _attached("table", name, lambda: Table(name, capacity=spec.capacity, memory=spec.memory,
-                                                  shards=spec.shards, mode=spec.mode))
+        return Cache(name)
+    if isinstance(spec, TableSpec):
+        raise ValueError(f"{name!r} is configured as a table, not a cache")
+    return Cache(name, ttl=spec.ttl, capacity=spec.capacity, memory=spec.memory)
 
 
 def cache(name: str) -> Cache:
@@ -237,13 +253,10 @@ def cache(name: str) -> Cache:
 
     :raises ValueError: ``name`` is configured as a plain table.
     """
-    spec = settings().tables.get(name)
-    if isinstance(spec, TableSpec):
-        raise ValueError(f"{name!r} is configured as a table, not a cache")
-    if spec is None:
-        return _attached("cache", name, lambda: Cache(name))
-    return _attached("cache", name, lambda: Cache(name, ttl=spec.ttl, capacity=spec.capacity,
-                                                  memory=spec.memory))
+    c = _objects.get(("cache", name))
+    if c is not None and not c.table.closed and _HAS_AT_FORK:
+        return c
+    return _attach("cache", name, lambda: _make_cache(name))
 
 
 def registry() -> Registry:
@@ -254,7 +267,7 @@ def registry() -> Registry:
     s = settings()
     if s.registry is None:
         raise RuntimeError("no registry configured (configure(registry=None))")
-    return _attached("registry", s.registry, lambda: Registry(s.registry, capacity=s.registry_capacity))
+    return _attach("registry", s.registry, lambda: Registry(s.registry, capacity=s.registry_capacity))
 
 
 def worker_key(pid: int | None = None) -> str:
@@ -368,8 +381,8 @@ def child_exit(server: Any, worker: Any) -> None:
                 shown = ", ".join(f"{k!r}={v!r}" for k, v in records[:5])
                 more = f" (+{len(records) - 5} more)" if len(records) > 5 else ""
                 parts.append(f"{name!r}: {shown}{more}")
-        log.info("shmreg: worker %d exited owning %d entries%s", pid, total,
-                 (": " + "; ".join(parts)) if parts else "")
+        log.info("shmreg: worker %d exited owning %d %s%s", pid, total,
+                 "entry" if total == 1 else "entries", (": " + "; ".join(parts)) if parts else "")
     except Exception:
         log.exception("shmreg: child_exit failed for worker %s", pid)
 
