@@ -679,3 +679,24 @@ def test_check_after_mixed_workload(table):
     table.check()
     table.clear()
     table.check()
+
+
+def test_full_of_expired_entries_is_not_full(table_name):
+    """A shard whose room is taken by expired entries reclaims it on the next
+    write instead of raising TableFullError (nothing live is there)."""
+    clock = FakeClock()
+    t = shmreg.Table.create(table_name, capacity=64, memory=4096, shards=1, clock=clock)
+    n = 0
+    with pytest.raises(shmreg.TableFullError):
+        while True:
+            t.set(n, n, ttl=1)
+            n += 1
+    clock.advance(5)
+    assert len(t) == 0
+    for i in range(n):          # the whole table's worth again
+        t.set(f"new-{i}", i)
+    assert len(t) == n and t.stats()["expirations"] > 0
+    with pytest.raises(shmreg.TableFullError):   # now it is full of live entries
+        t.set("one-too-many", 0)
+    t.check()
+    t.close()

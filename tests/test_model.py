@@ -134,7 +134,10 @@ class TableMachine(RuleBasedStateMachine):
             return False  # replaces in place (live or expired)
         if len(self.m) < self.max_fill:
             return False  # no shard can hold max_fill entries
-        return True if self.SHARDS == 1 else None
+        if self.SHARDS != 1:
+            return None
+        # A full shard first reclaims the room its expired entries take.
+        return all(self.live(key) for key in self.m)
 
     def attempt(self, k, fn):
         """Run a write that may need a new slot; FULL if the table was full."""
@@ -144,8 +147,17 @@ class TableMachine(RuleBasedStateMachine):
         except shmreg.TableFullError:
             assert expected is not False, f"unexpected TableFullError for {k!r} ({len(self.m)} stored)"
             return FULL
+        finally:
+            self.forget_reclaimed()
         assert expected is not True, f"expected TableFullError for {k!r} ({len(self.m)} stored)"
         return r
+
+    def forget_reclaimed(self):
+        """A write into a full shard deletes that shard's expired entries:
+        drop from the model the expired ones that are no longer stored."""
+        for key in [key for key in self.m if not self.live(key)]:
+            if self.t._get_stale(key, shmreg.MISSING) is shmreg.MISSING:
+                del self.m[key]
 
     # -- writes ------------------------------------------------------------------
 

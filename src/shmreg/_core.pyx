@@ -1578,6 +1578,16 @@ cdef class CoreTable:
                 n += 1
         return n
 
+    cdef long reclaim(self, uint32_t si, uint64_t now, int64_t keep) noexcept nogil:
+        """Room for a table that does not evict: delete the shard's expired
+        entries, and only if there are none its dead owners' entries (a
+        watcher's post-mortem then misses those; they were invisible
+        already).  Never slot ``keep``.  Returns how many were deleted."""
+        cdef long n = self.purge_shard(si, now, keep, False)
+        if n == 0:
+            n = self.purge_shard(si, now, keep, True)
+        return n
+
     cdef int evict_one(self, uint32_t si, uint64_t now, int64_t keep) noexcept nogil:
         """Evict one entry of shard ``si`` by CLOCK (lock held), never slot
         ``keep``: an entry whose reference bit is set gets it cleared and a
@@ -1632,6 +1642,7 @@ cdef class CoreTable:
         cdef int r
         cdef bint evict = (mode & PUT_EVICT) != 0
         cdef int tries = 0
+        cdef long reclaimed
         mode &= 3
         SHM_CRASH_POINT(CP_SET_LOCKED)
         pos = self.find(si, k, &off, &ins)
@@ -1658,18 +1669,21 @@ cdef class CoreTable:
             # (Reusing a tombstone never raises count + tombs: no rebuild needed.)
             if sh.tombs == 0 or sh.count >= self.max_fill:
                 if not evict:
-                    sh.n_full += 1
-                    return ST_FULL
-                self.purge_shard(si, now, -1, True)
-                # Evict a little headroom (1/32 of the shard) at once: the index
-                # rebuild that follows then happens once per headroom inserts,
-                # not on every insert at capacity.
-                while sh.count > self.max_fill - max(1, self.max_fill // 32):
-                    r = self.evict_one(si, now, -1)
-                    if r < 0:
+                    # Not full while expired (or dead-owned) entries take the room.
+                    if self.reclaim(si, now, -1) == 0:
                         sh.n_full += 1
                         return ST_FULL
-                    self._last_evicted += r
+                else:
+                    self.purge_shard(si, now, -1, True)
+                    # Evict a little headroom (1/32 of the shard) at once: the
+                    # index rebuild that follows then happens once per headroom
+                    # inserts, not on every insert at capacity.
+                    while sh.count > self.max_fill - max(1, self.max_fill // 32):
+                        r = self.evict_one(si, now, -1)
+                        if r < 0:
+                            sh.n_full += 1
+                            return ST_FULL
+                        self._last_evicted += r
             if sh.count + sh.tombs >= self.max_fill:
                 # Tombstones use up the probe budget: rebuild the index without them.
                 shm_seq_begin(&sh.seq)
@@ -1688,17 +1702,20 @@ cdef class CoreTable:
             if self.coalesce(si) < 0:
                 return ST_CORRUPT
             noff = self.alloc_block(si, need)
-        if noff == NIL and evict:
-            # Expired entries first, then CLOCK victims; never the entry being
-            # replaced (it stays until the new one is published).
-            if self.purge_shard(si, now, pos, True) > 0:
+        if noff == NIL:
+            # No room: expired (then dead-owned) entries go first, then a cache
+            # evicts by CLOCK; never the entry being replaced (it stays until
+            # the new one is published).
+            reclaimed = self.purge_shard(si, now, pos, True) if evict else self.reclaim(si, now, pos)
+            if reclaimed > 0:
                 if self.coalesce(si) < 0:
                     return ST_CORRUPT
                 noff = self.alloc_block(si, need)
-            while noff == NIL:
+            while noff == NIL and evict:
                 r = self.evict_one(si, now, pos)
                 if r < 0:
                     break
+                reclaimed += 1
                 self._last_evicted += r
                 noff = self.alloc_block(si, need)
                 tries += 1
@@ -1706,14 +1723,13 @@ cdef class CoreTable:
                     if self.coalesce(si) < 0:
                         return ST_CORRUPT
                     noff = self.alloc_block(si, need)
-            if noff == NIL:
+            if noff == NIL and reclaimed > 0:
                 if self.coalesce(si) < 0:
                     return ST_CORRUPT
                 noff = self.alloc_block(si, need)
-            if pos < 0:
-                # Evictions unpublished slots: the insert slot found before
-                # may now lie beyond an EMPTY one, out of the key's probe
-                # chain.  Probe again.
+            if reclaimed > 0 and pos < 0:
+                # Deletions emptied slots: the insert slot found before may now
+                # lie beyond an EMPTY one, out of the key's probe chain.
                 pos = self.find(si, k, &off, &ins)
                 if pos != -1 or ins < 0:
                     if noff != NIL:

@@ -106,7 +106,7 @@ typedef struct {
     /* Sampled read counters, on their own cache line (away from seq): each
      * reader adds 64 once per 64 of its hits / misses. */
     uint64_t sampled_hits, sampled_misses;
-    uint64_t reserved[8];
+    uint64_t reserved[14];   /* pads the struct to 13 cache lines */
     uint64_t bins[SHMREG_NBINS];   /* free-list heads, arena offsets, NIL = empty */
 } shm_shard_t;
 
@@ -143,6 +143,7 @@ typedef struct {
 typedef char shm_assert_item[(sizeof(shm_item_t) == ITEM_HDR) ? 1 : -1];
 typedef char shm_assert_mutex[(sizeof(pthread_mutex_t) <= 64) ? 1 : -1];
 typedef char shm_assert_proc[(sizeof(shm_proc_t) == 128) ? 1 : -1];
+typedef char shm_assert_shard[(sizeof(shm_shard_t) % 64 == 0) ? 1 : -1];
 typedef char shm_assert_sampled_line[(offsetof(shm_shard_t, sampled_hits) / 64 != offsetof(shm_shard_t, seq) / 64) ? 1 : -1];
 typedef char shm_assert_hdr[(sizeof(shm_header_t) <= SHMREG_HEADER_SIZE) ? 1 : -1];
 
