@@ -38,6 +38,7 @@ import textwrap
 # Modules documented after the top-level ``shmreg`` names, each only if it
 # imports.  Add new public modules here.
 MODULES = [
+    "shmreg.metrics",
     "shmreg.recipes",
     "shmreg.gunicorn",
     "shmreg.mp",

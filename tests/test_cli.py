@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import shmreg
 
 
@@ -52,3 +54,44 @@ def test_bad_name_and_help():
         r = shmreg_cli(*args)
         assert r.returncode == 0 and "usage: shmreg" in r.stdout
     assert shmreg_cli().returncode == 2
+
+
+COMMANDS = ("ls", "stat", "dump", "get", "set", "del", "watch", "reap", "check", "top",
+            "destroy", "demo", "bench")
+
+
+def test_every_command_has_help_with_exit_codes(capsys):
+    from shmreg.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert f"    {cmd} " in top or f"    {cmd}\n" in top, cmd
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: shmreg {cmd}"), out
+        assert "exit codes: 0 ok, 1 error" in out and "4 destroy refused" in out
+
+
+def test_unknown_command_and_missing_arguments_are_usage_errors():
+    for args in (["nosuch"], ["get"], ["get", "t"], ["set", "t", "k"], ["dump"], ["reap", "t", "x"]):
+        r = shmreg_cli(*args)
+        assert r.returncode == 2 and "usage: shmreg" in r.stderr, args
+
+
+def test_json_encoding_of_values():
+    import base64
+    from shmreg.cli import to_json
+
+    assert to_json("s") == "s" and to_json(3) == 3 and to_json(None) is None and to_json(True) is True
+    assert to_json(2.5) == 2.5 and to_json(float("-inf")) == {"float": "-inf"}
+    assert to_json(b"\x00\xff") == {"bytes_b64": base64.b64encode(b"\x00\xff").decode()}
+    assert to_json([1, {"a": b"x"}]) == [1, {"a": {"bytes_b64": "eA=="}}]
+    assert to_json({1: 2}) == {"repr": "{1: 2}", "type": "dict"}
+    assert to_json((1,)) == {"repr": "(1,)", "type": "tuple"}
+    assert to_json(shmreg.Registration(5, "v"))["type"] == "shmreg._core.Registration"
+    json.dumps(to_json([float("nan"), {1, 2}, b"", {"k": (1,)}]), allow_nan=False)
