@@ -590,3 +590,23 @@ def test_bench_usage_errors():
     r1, r2 = shmreg_many([["bench", "--peers", "dict,nosuch"], ["bench", "--quick", "--ops", "0"]])
     assert r1.returncode == 2 and "unknown peer 'nosuch'" in r1.stderr
     assert r2.returncode == 2
+
+
+def test_flag_command_flips_what_workers_read(table):
+    from shmreg.recipes import Flags
+
+    flags = Flags(table)
+    assert not flags.enabled("new-ui")
+    r = shmreg_cli("flag", table.name, "new-ui", "on")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["new-ui", "on"]
+    assert flags.enabled("new-ui")            # seen on the next read
+    r = shmreg_cli("flag", table.name, "--json")
+    assert json.loads(r.stdout) == {"new-ui": True}
+    assert shmreg_cli("flag", table.name, "new-ui", "off").returncode == 0
+    assert not flags.enabled("new-ui")
+    assert shmreg_cli("flag", table.name, "new-ui", "maybe").returncode == 2
+    assert shmreg_cli("flag", table.name, "new-ui", "unset").returncode == 1  # gone: nothing to show
+    assert json.loads(shmreg_cli("flag", table.name, "--json").stdout) == {}
+    r = shmreg_cli("flag", "no-such-flags-table")
+    assert r.returncode == 1 and "no-such-flags-table" not in shmreg.list_tables()

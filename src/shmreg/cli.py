@@ -353,6 +353,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_flag(args: argparse.Namespace) -> int:
+    from shmreg.recipes import flags_command
+
+    try:
+        flags = flags_command(args.name, args.flag, args.value, prefix=args.prefix)
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    if args.flag is not None and not flags:
+        raise CliError(f"no flag {args.flag!r} in table {args.name!r}")
+    if args.json:
+        _print_json(flags)
+    else:
+        for name, on in sorted(flags.items()):
+            print(f"{name}  {'on' if on else 'off'}")
+    return EXIT_OK
+
+
 def _users(t: shmreg.Table) -> tuple[list, int | None]:
     """(live pids holding a slot, active watcher pid) of an open table."""
     pids = sorted({p["pid"] for p in t._proc_table() if p["alive"]})
@@ -651,6 +668,16 @@ def build_parser() -> argparse.ArgumentParser:
              "Verify every invariant of every shard (each under its lock).  "
              "Exits 3 with the first broken invariant if the table is corrupt.")
     p.add_argument("name", help="table name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = _add(sub, "flag", _cmd_flag, "show or flip feature flags (shmreg.recipes.Flags)",
+             "Show the feature flags kept in a table, or set one: every worker sees "
+             "the change on its next read.  VALUE: on/off (true/false, 1/0, yes/no) "
+             "or 'unset'.")
+    p.add_argument("name", help="table name")
+    p.add_argument("flag", nargs="?", help="flag name (all flags if omitted)")
+    p.add_argument("value", nargs="?", help="on | off | unset")
+    p.add_argument("--prefix", default="flag:", help="key prefix of the flags (default 'flag:')")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = _add(sub, "top", _cmd_top, "live view of a table's activity",
