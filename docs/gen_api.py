@@ -456,7 +456,9 @@ def _constant_doc(module: object, name: str) -> str:
     pkg_dir = os.path.dirname(f) if f else None
     if pkg_dir and os.path.isdir(pkg_dir):
         for fn in sorted(os.listdir(pkg_dir)):
-            if fn.endswith((".py", ".pyx")):
+            # .py only: .pyx sources are not installed, and the reference must
+            # come out the same from a checkout and from an installed wheel.
+            if fn.endswith(".py"):
                 files.append(os.path.join(pkg_dir, fn))
     pattern = re.compile(rf"^{re.escape(name)}\s*(?::[^=]+)?=")
     for path in files:

@@ -7,7 +7,7 @@
 1
 """
 
-from shmreg._core import MISSING
+from shmreg import _core
 from shmreg.cache import Cache
 from shmreg.errors import (
     AlreadyRegisteredError,
@@ -23,6 +23,10 @@ from shmreg.errors import (
 from shmreg.registry import Registration, Registry
 from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, unlink
 from shmreg.watcher import Watcher
+
+#: Sentinel for "no default given" (``pop``/``take``); ``get(k, MISSING)``
+#: returns it for an absent key.
+MISSING = _core.MISSING
 
 __version__ = "0.1.0"
 
