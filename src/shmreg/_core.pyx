@@ -871,6 +871,13 @@ cdef class CoreTable:
     cdef inline uint32_t shard_of(self, uint64_t h) noexcept nogil:
         return <uint32_t>((h >> 32) & (self.nsh - 1))
 
+    cdef inline object key_ref(self, object key, KeyRef *k):
+        """Encode ``key`` into ``k`` and hash it with this table's seed;
+        returns the object that must outlive ``k``."""
+        keep = encode_key(key, k)
+        k.h = shm_hash(k.p, k.n, k.ktype, self.seed0, self.seed1)
+        return keep
+
     cdef inline int check_open(self) except -1:
         if self.is_closed:
             raise ValueError("operation on a closed table")
@@ -1823,13 +1830,12 @@ cdef class CoreTable:
         cdef KeyRef k
         cdef ValRef v
         self.check_open()
-        kkeep = encode_key(key, &k)
+        kkeep = self.key_ref(key, &k)
         vkeep = encode_value(value, &v)
         if v.n > 0xFFFFFFFF or _align8(ITEM_HDR + <uint64_t>v.n + k.n) > self.arena_size:
             raise ValueTooLargeError(
                 f"value of {v.n} bytes can never fit: a shard holds {self.arena_size} bytes "
                 f"(create the table with more memory)")
-        k.h = shm_hash(k.p, k.n, k.ktype, self.seed0, self.seed1)
         cdef uint64_t now = self.now()
         cdef uint64_t exp = self.expires_at(ttl, now)
         cdef uint32_t si = self.shard_of(k.h)
@@ -1931,8 +1937,7 @@ cdef class CoreTable:
         cdef double dv
         cdef object val
         self.check_open()
-        kkeep = encode_key(key, &k)
-        k.h = shm_hash(k.p, k.n, k.ktype, self.seed0, self.seed1)
+        kkeep = self.key_ref(key, &k)
         cdef uint32_t si = self.shard_of(k.h)
         cdef shm_shard_t *sh = self.shard(si)
         cdef char *ar = self.arena(si)
@@ -1990,18 +1995,7 @@ cdef class CoreTable:
             if pos == -2 or (pos >= 0 and want != 1 and want != 2 and vtype == 0):
                 break   # stable but implausible: let the locked path decide
             if pos < 0 or (exp != 0 and want != 5 and exp <= self.now()) or (own != 0 and not self.owner_alive(own)):
-                self._misses += 1
-                if (self._misses & 63) == 0:
-                    shm_add_rlx(&sh.sampled_misses, 64)
-                if want == 0 or want == 4 or want == 5:
-                    if default is _RAISE:
-                        raise KeyError(key)
-                    return default
-                if want == 1:
-                    return False
-                if want == 3:
-                    return None
-                raise KeyError(key)
+                return self.miss(sh, key, default, want)
             self._hits += 1
             if (self._hits & 63) == 0:
                 shm_add_rlx(&sh.sampled_hits, 64)
@@ -2025,6 +2019,21 @@ cdef class CoreTable:
                 return (val, exp)
             return val
         return self.lookup_locked(si, &k, key, default, want)
+
+    cdef object miss(self, shm_shard_t *sh, object key, object default, int want):
+        """Count a miss and give the caller what a miss means for ``want``."""
+        self._misses += 1
+        if (self._misses & 63) == 0:
+            shm_add_rlx(&sh.sampled_misses, 64)
+        if want == 0 or want == 4 or want == 5:
+            if default is _RAISE:
+                raise KeyError(key)
+            return default
+        if want == 1:
+            return False
+        if want == 3:
+            return None
+        raise KeyError(key)
 
     cdef object lookup_locked(self, uint32_t si, KeyRef *k, object key, object default, int want):
         """The fallback read: under the shard lock, copied out, decoded after unlock."""
@@ -2063,16 +2072,7 @@ cdef class CoreTable:
         if st == ST_NOMEM:
             raise MemoryError()
         if pos < 0:
-            self._misses += 1
-            if want == 0 or want == 4 or want == 5:
-                if default is _RAISE:
-                    raise KeyError(key)
-                return default
-            if want == 1:
-                return False
-            if want == 3:
-                return None
-            raise KeyError(key)
+            return self.miss(self.shard(si), key, default, want)
         self._hits += 1
         memcpy(&self.last_owner, rb.data + 12, 4)
         if want == 1:
@@ -2160,8 +2160,7 @@ cdef class CoreTable:
         cdef int st = ST_NO
         cdef shm_item_t *it
         self.check_open()
-        kkeep = encode_key(key, &k)
-        k.h = shm_hash(k.p, k.n, k.ktype, self.seed0, self.seed1)
+        kkeep = self.key_ref(key, &k)
         cdef uint32_t si = self.shard_of(k.h)
         cdef char *ar = self.arena(si)
         cdef uint64_t now = self.now()
@@ -2242,8 +2241,7 @@ cdef class CoreTable:
         inc = incr
         dflt = default
         self.check_open()
-        kkeep = encode_key(key, &k)
-        k.h = shm_hash(k.p, k.n, k.ktype, self.seed0, self.seed1)
+        kkeep = self.key_ref(key, &k)
         cdef uint32_t si = self.shard_of(k.h)
         sh = self.shard(si)
         ar = self.arena(si)
@@ -2299,8 +2297,7 @@ cdef class CoreTable:
         cdef shm_shard_t *sh
         cdef bint done = False
         self.check_open()
-        kkeep = encode_key(key, &k)
-        k.h = shm_hash(k.p, k.n, k.ktype, self.seed0, self.seed1)
+        kkeep = self.key_ref(key, &k)
         cdef uint32_t si = self.shard_of(k.h)
         sh = self.shard(si)
         now = self.now()

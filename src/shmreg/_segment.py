@@ -7,7 +7,7 @@ mapped file there is just as shared, and plain files give us what
 through ``link()``.  ``SHMREG_DIR`` overrides the directory (tests use it to
 put tables on a tiny tmpfs).
 
-Never ``multiprocessing.shared_memory``: its resource tracker unlinks
+Never the standard library's ``shared_memory`` module: its resource tracker unlinks
 segments that other processes still use.
 """
 
