@@ -674,3 +674,33 @@ def test_random_corruption_never_crashes():
     # operations still work.
     assert total["check_failed_first"] > 0 and total["raised"] > 0
     assert total["ok"] > total["raised"]
+
+
+def test_garbage_pickle_is_corruption_but_missing_class_is_not():
+    import pickle
+
+    """A stored 'pickle' that is garbage (here a dict fed an APPEND) can only
+    come from a corrupted segment: CorruptTableError.  A valid pickle whose
+    class is not importable in the reader is the caller's business: the
+    import error passes through unchanged."""
+    import sys
+    import types
+
+    from shmreg import _core
+
+    with pytest.raises(shmreg.CorruptTableError):
+        _core.decode_raw(7, b"\x80\x05}\x94K\x01a.")
+    mod = types.ModuleType("shmreg_test_vanishing")
+
+    class Gone:
+        pass
+
+    Gone.__module__, Gone.__qualname__ = mod.__name__, "Gone"
+    mod.Gone = Gone
+    sys.modules[mod.__name__] = mod
+    try:
+        raw = pickle.dumps(Gone())
+    finally:
+        del sys.modules[mod.__name__]
+    with pytest.raises(ModuleNotFoundError):
+        _core.decode_raw(7, raw)

@@ -32,6 +32,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromLongLong
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 
+import io
 import os
 import pickle
 
@@ -478,13 +479,37 @@ cdef object encode_value(object v, ValRef *r):
     return keep
 
 
+class _ClassLookupError(Exception):
+    """find_class failed: the pickle is fine, its class is not importable here."""
+
+
+class _LookupTracingUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except Exception as e:
+            raise _ClassLookupError() from e
+
+
 cdef object unpickle(bytes raw):
-    """Unpickle a stored value.  A malformed pickle can only come from a
-    corrupted segment; an unimportable class is the caller's business."""
+    """Unpickle a stored value.
+
+    Garbage fed to pickle can fail in any way (AttributeError from an APPEND
+    on a dict, IndexError, ...).  A failure to import the pickled class is
+    the caller's business and propagates as is; any other failure means the
+    stored bytes are not a pickle we wrote: CorruptTableError.  (Telling the
+    two apart costs a second, traced unpickling, on the error path only.)
+    """
     try:
         return _pickle_loads(raw)
-    except (pickle.UnpicklingError, EOFError, OverflowError, MemoryError) as e:
-        raise CorruptTableError(f"stored pickle is malformed: {e}") from e
+    except Exception as e:
+        try:
+            return _LookupTracingUnpickler(io.BytesIO(raw)).load()
+        except _ClassLookupError as lookup:
+            raise lookup.__cause__ from None
+        except Exception:
+            pass
+        raise CorruptTableError(f"stored value is not a valid pickle: {e!r}") from e
 
 
 cdef object decode_value(int vtype, const char *p, Py_ssize_t n):
