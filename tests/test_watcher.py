@@ -279,6 +279,9 @@ def test_watcher_failover_and_exactly_once(table, spawn):
     c = owner(spawn, table.name, {"first": 1})
     c.kill()
     active.wait_line(f"pid {c.pid} died owning 1 entries", timeout=5)
+    # (The post-mortem prints before the delete: let the reap finish, or the
+    # kill below could land in between and the standby would report c again.)
+    wait_until(lambda: table.stats()["owned"] == 0, 5, "the reap of c")
 
     # Kill the active watcher, and an owner right after (before anyone took over).
     pre = owner(spawn, table.name, {"orphaned": 2})
@@ -338,6 +341,11 @@ def test_failover_in_python_watchers_reaps_each_death_once(table, spawn):
         o.kill()
     for o in deaths_a:
         first.wait_line(f"death {o.pid} 1", timeout=5)
+    # on_death runs before the delete: killing the watcher between the two
+    # would make the standby report that death again (at-least-once, as
+    # documented).  Exactly-once holds when no reap is in flight, so wait for
+    # the deletes before killing the active watcher.
+    wait_until(lambda: table.stats()["owned"] == 0, 5, "the first watcher's reaps")
     first.kill()
     second = [w for w in ws if w is not first][0]
     second.wait_line("active", timeout=5)
