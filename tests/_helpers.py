@@ -39,3 +39,11 @@ def spawn_py(code: str, *args: str, env: dict | None = None) -> subprocess.Popen
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env)
+
+
+def wait_until(pred, timeout: float = 10.0, what: str = "condition", interval: float = 0.005):
+    """``shmreg.testing.wait_for`` in the positional order these tests use
+    (predicate, timeout, what is awaited)."""
+    from shmreg.testing import wait_for
+
+    return wait_for(pred, timeout=timeout, interval=interval, message=what)

@@ -36,7 +36,7 @@ import pytest
 
 import shmreg
 from shmreg import Cache
-from _helpers import unique_name
+from _helpers import unique_name, wait_until
 
 N_PROCS = 8
 
@@ -179,13 +179,6 @@ def release_together(procs: list[Child]) -> None:
     for c in procs:
         c.send("go")
 
-
-def wait_until(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -28,7 +27,7 @@ import pytest
 import shmreg
 import shmreg.gunicorn as sg
 from shmreg import _segment
-from _helpers import unique_name
+from _helpers import unique_name, wait_until
 
 gunicorn = pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install -e .[test])")
 from gunicorn.config import KNOWN_SETTINGS, Config  # noqa: E402
@@ -47,17 +46,6 @@ def expected_value(n: int) -> str:
     for _ in range(ROUNDS):
         h = hashlib.sha256(h).digest()
     return h.hex()
-
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Server:

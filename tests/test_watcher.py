@@ -20,6 +20,7 @@ import time
 import pytest
 
 import shmreg
+from _helpers import wait_until
 from shmreg import Watcher
 
 
@@ -102,15 +103,6 @@ def spawn():
                 pass
 
 
-def wait_until(pred, timeout: float = 10, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 OWNER = """
