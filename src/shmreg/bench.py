@@ -125,6 +125,12 @@ class Peer:
     def close(self) -> None:
         pass
 
+    def _remove_dir(self) -> None:
+        """Remove the temporary directory a file-backed peer made (idempotent)."""
+        if getattr(self, "dir", None):
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
     def k(self, keys: list) -> list:
         return [self.prefix + k for k in keys] if self.prefix else keys
 
@@ -337,9 +343,7 @@ class LmdbPeer(Peer):
         if env is not None:
             env.close()
             self.env = None
-        if getattr(self, "dir", None):
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        self._remove_dir()
 
 
 class DiskcachePeer(Peer):
@@ -384,9 +388,7 @@ class DiskcachePeer(Peer):
         if c is not None:
             c.close()
             self.c = None
-        if getattr(self, "dir", None):
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        self._remove_dir()
 
 
 class UltraDictPeer(Peer):
