@@ -512,7 +512,21 @@ cdef object unpickle(bytes raw):
         raise CorruptTableError(f"stored value is not a valid pickle: {e!r}") from e
 
 
-cdef object decode_value(int vtype, const char *p, Py_ssize_t n):
+class PickledValue(bytes):
+    """A pickled value returned as its raw bytes, not unpickled.
+
+    Unpickling runs code chosen by whoever wrote the value.  A table whose
+    writers are not trusted (another user's table opened by root, for
+    instance) hands back pickled values as this opaque ``bytes`` subclass
+    instead; ``pickle.loads(value)`` unpickles it if you decide to trust it.
+    """
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"<pickled value, {len(self)} bytes, not unpickled>"
+
+
+cdef object decode_value(int vtype, const char *p, Py_ssize_t n, bint allow_pickle=True):
     """Decode a value from memory that no writer can change any more."""
     cdef long long iv
     cdef double dv
@@ -531,6 +545,8 @@ cdef object decode_value(int vtype, const char *p, Py_ssize_t n):
     if vtype == VT_NONE and n == 0:
         return None
     if vtype == VT_PICKLE:
+        if not allow_pickle:
+            return PickledValue(PyBytes_FromStringAndSize(<char *>p, n))
         return unpickle(PyBytes_FromStringAndSize(<char *>p, n))
     raise CorruptTableError(f"item with unknown value type {vtype} (length {n})")
 
@@ -746,6 +762,9 @@ cdef class CoreTable:
     cdef list pid_objs
     cdef uint32_t *pid_obj_owner
     cdef object _clock
+    #: False: pickled values come back as opaque :class:`PickledValue` bytes
+    #: (the writers of this table are not trusted to run code here).
+    cdef public bint allow_pickle
     # Per-process read counters: readers never write shared memory.
     cdef public uint64_t _hits, _misses, _read_retries, _lock_fallbacks
 
@@ -753,6 +772,7 @@ cdef class CoreTable:
         cdef int i
         self.base = NULL
         self.is_closed = True
+        self.allow_pickle = True
         self.pidfds = <int *>malloc(SHMREG_NPROCS * sizeof(int))
         self.pidfd_gen = <uint32_t *>malloc(SHMREG_NPROCS * sizeof(uint32_t))
         if self.pidfds == NULL or self.pidfd_gen == NULL:
@@ -2037,7 +2057,7 @@ cdef class CoreTable:
             if want == 3:
                 return (vtype, val)
             if vtype == VT_PICKLE:
-                val = unpickle(val)
+                val = unpickle(val) if self.allow_pickle else PickledValue(val)
             if want == 4:
                 return (val, own)
             if want == 5:
@@ -2477,15 +2497,15 @@ cdef class CoreTable:
             if what == 0:
                 out.append(decode_key(ktype, r + REC_HDR, klen))
             elif what == 1 or what == 2:
-                out.append(decode_value(vtype, r + REC_HDR + klen, vlen))
+                out.append(decode_value(vtype, r + REC_HDR + klen, vlen, self.allow_pickle))
             elif what == 3:
                 out.append((decode_key(ktype, r + REC_HDR, klen),
-                            decode_value(vtype, r + REC_HDR + klen, vlen)))
+                            decode_value(vtype, r + REC_HDR + klen, vlen, self.allow_pickle)))
             else:
                 memcpy(&owner, r + 12, 4)
                 memcpy(&exp, r + 16, 8)
                 out.append((decode_key(ktype, r + REC_HDR, klen),
-                            decode_value(vtype, r + REC_HDR + klen, vlen), exp, owner))
+                            decode_value(vtype, r + REC_HDR + klen, vlen, self.allow_pickle), exp, owner))
             pos += REC_HDR + _align8(<uint64_t>klen + vlen)
         return out
 
@@ -2721,6 +2741,6 @@ cdef class CoreTable:
 
 
 
-def decode_raw(int vtype, bytes raw):
+def decode_raw(int vtype, bytes raw, bint allow_pickle=True):
     """Decode a value read by ``CoreTable._get_raw``."""
-    return decode_value(vtype, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+    return decode_value(vtype, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), allow_pickle)

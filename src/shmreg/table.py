@@ -200,7 +200,7 @@ class Table(_core.CoreTable):
         """
         while True:
             raw = self._get_raw(key)
-            if raw is None or _core.decode_raw(*raw) != expected:
+            if raw is None or _core.decode_raw(raw[0], raw[1], self.allow_pickle) != expected:
                 return False
             if self._cas_raw(key, raw[0], raw[1], new):
                 return True
