@@ -14,7 +14,7 @@ ext = Extension(
     "shmreg._core",
     ["src/shmreg/_core.pyx", *engine],
     include_dirs=["src/shmreg"],
-    depends=sorted(glob.glob("src/shmreg/engine/*.h")) + ["src/shmreg/_engine.pxd"],
+    depends=sorted(glob.glob("src/shmreg/engine/*.h") + glob.glob("src/shmreg/*.pxi")) + ["src/shmreg/_engine.pxd"],
     extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
     undef_macros=["NDEBUG"] if debug else [],
     define_macros=[("SHMREG_DEBUG", "1")] if debug else [],
