@@ -332,7 +332,7 @@ class Table(_core.CoreTable):
         never waited on forever.  With ``repair=True`` such locks are first
         reinitialised and what they guarded repaired (a lock held by a live
         thread, even a stopped one, is never touched); the names of the
-        repaired locks are returned.
+        repaired locks are returned (None without ``repair``).
 
         :raises CorruptTableError: naming the first broken invariant.
         """
