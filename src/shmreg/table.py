@@ -47,8 +47,10 @@ class Table(_core.CoreTable):
     ignored when an existing table is opened.
 
     Keys are ``str``, ``bytes`` or ``int`` (the type is part of the key:
-    ``1`` and ``"1"`` differ).  Values are ``bytes``, ``str``, ``int``,
-    ``float``, ``bool``, ``None`` natively and anything picklable through
+    ``1`` and ``"1"`` differ; a subclass counts as its base type, as in a
+    dict: ``True`` is the key ``1``, and keys read back as the base type).
+    Values are ``bytes``, ``str``, ``int``, ``float``, ``bool``, ``None``
+    natively and anything picklable through
     pickle; they read back equal and of the same type.
 
     Concurrency: single-key operations are atomic and isolated in every
