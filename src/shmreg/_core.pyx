@@ -166,6 +166,7 @@ include "_registration.pxi"
 include "_mapping.pxi"
 
 
+@cython.binding(False)
 cdef class CoreTable:
     """A handle on a mapped segment and the typed operations on it.
 
@@ -485,7 +486,7 @@ cdef class CoreTable:
         """Delete ``key``; return True if it was present (no KeyError)."""
         return self.remove(key, NULL) == SHM_OK
 
-    def take(self, key, default=_MISSING):
+    def take(self, key, default=MISSING):
         """Atomically look up and delete ``key`` (ETS ``take``); KeyError if absent
         and no ``default`` is given."""
         cdef shm_recbuf_t out
