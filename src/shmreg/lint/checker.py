@@ -169,8 +169,6 @@ class _Class:
     name: str
     node: ast.ClassDef
     containers: dict           # attr -> detail
-    ints: set                  # attrs bound to an int literal
-    shadowed: set              # attrs some method assigns through self.attr = ...
     bases: list                # base class names (simple names only)
 
 
@@ -295,7 +293,7 @@ class _Checker:
                                   (isinstance(value, ast.Call) and isinstance(value.func, ast.Call))):
             self.cache_aliases.add(target.id)
 
-    def _collect_module(self) -> list:
+    def _collect_module(self) -> None:
         stmts = list(self._module_statements(self.tree.body))
         for node in stmts:
             self._record_imports(node)
@@ -311,7 +309,6 @@ class _Checker:
             elif isinstance(node, ast.ClassDef):
                 self.module.setdefault(node.name, _Binding("other", "", node.lineno))
                 self.classes[node.name] = self._class_info(node)
-        return stmts
 
     def _note_import_time_calls(self, node: ast.stmt) -> None:
         """Remember ``f`` for ``f(...)``, ``@f`` and ``@f(...)`` run by this
@@ -329,7 +326,7 @@ class _Checker:
                 self.import_time_calls.add(sub.func.id)
 
     def _class_info(self, node: ast.ClassDef) -> _Class:
-        containers, ints, shadowed = {}, set(), set()
+        containers = {}
         for stmt in node.body:
             targets, value = [], None
             if isinstance(stmt, ast.Assign):
@@ -341,18 +338,8 @@ class _Checker:
                     kind = self.container_kind(value)
                     if kind:
                         containers[t.id] = kind
-                    elif isinstance(value, ast.Constant) and type(value.value) is int:
-                        ints.add(t.id)
-        for sub in ast.walk(node):
-            if isinstance(sub, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-                ts = sub.targets if isinstance(sub, ast.Assign) else [sub.target]
-                for t in ts:
-                    for x in ast.walk(t):
-                        if (isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name)
-                                and x.value.id == "self" and isinstance(x.ctx, ast.Store)):
-                            shadowed.add(x.attr)
         bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
-        return _Class(node.name, node, containers, ints, shadowed, bases)
+        return _Class(node.name, node, containers, bases)
 
     # -- reporting --
 
@@ -364,12 +351,11 @@ class _Checker:
     # -- the walk --
 
     def run(self) -> list:
-        stmts = self._collect_module()
+        self._collect_module()
         for node in self.tree.body:
             if _is_main_guard(node):
                 continue
             self._walk(node, [], None, at_module=True)
-        del stmts
         self.findings.sort(key=lambda f: (f.line, f.col, f.code))
         return self.findings
 
@@ -416,7 +402,7 @@ class _Checker:
     def resolves_to_module(self, name: str, stack: list) -> bool:
         """True if ``name`` used in the innermost function of ``stack`` is the
         module-level binding."""
-        for i, scope in enumerate(reversed(stack)):
+        for scope in reversed(stack):
             if name in scope.globals:
                 return True
             if name in scope.nonlocals or name in scope.locals:
@@ -470,7 +456,7 @@ class _Checker:
         if isinstance(node, ast.Call):
             target = None
             if isinstance(node.func, ast.Name) and node.func.id == "next" and node.args \
-                    and not self.resolves_to_module_shadow("next", stack):
+                    and not self._shadowed("next", stack):
                 target = node.args[0]
             elif isinstance(node.func, ast.Attribute) and node.func.attr == "__next__":
                 target = node.func.value
@@ -480,7 +466,8 @@ class _Checker:
                     self.report(node, "SHM106", target.id,
                                 f"module-level itertools.count() `{target.id}` advanced {where}")
 
-    def resolves_to_module_shadow(self, name: str, stack: list) -> bool:
+    def _shadowed(self, name: str, stack: list) -> bool:
+        """True if a builtin's name is rebound by the module or an enclosing function."""
         return any(name in s.locals for s in stack) or name in self.module
 
     def _container_finding(self, node: ast.AST, hit: tuple, how: str, stmt: ast.AST,
@@ -573,14 +560,15 @@ class _Checker:
                 return cls, attr, f"type({first}).{attr}"
         return None
 
-    def _all_attrs(self, info: _Class, field: str, depth: int = 0) -> dict:
+    def _containers(self, info: _Class, depth: int = 0) -> dict:
+        """Container class attributes of ``info`` and of its base classes
+        defined in this module (the most derived wins)."""
         out = {}
         if depth < 10:
             for base in info.bases:
                 if base in self.classes and self.classes[base] is not info:
-                    out.update(self._all_attrs(self.classes[base], field, depth + 1))
-        value = getattr(info, field)
-        out.update(value if isinstance(value, dict) else {k: "int" for k in value})
+                    out.update(self._containers(self.classes[base], depth + 1))
+        out.update(info.containers)
         return out
 
     def _class_container(self, target: ast.expr, stack: list, cls: Optional[_Class], how: str,
@@ -591,7 +579,7 @@ class _Checker:
         if got is None:
             return
         info, attr, spelled = got
-        containers = self._all_attrs(info, "containers")
+        containers = self._containers(info)
         if attr not in containers or self._registering:
             return
         self.report(node or target, "SHM105", f"{info.name}.{attr}",
@@ -604,7 +592,7 @@ class _Checker:
         if got is None:
             return
         info, attr, spelled = got
-        if attr in self._all_attrs(info, "containers") and not self._registering:
+        if attr in self._containers(info) and not self._registering:
             self.report(node, "SHM105", f"{info.name}.{attr}",
                         f"class attribute `{info.name}.{attr}` mutated through `{spelled}` "
                         f"(augmented assignment {where})")

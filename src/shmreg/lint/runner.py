@@ -182,4 +182,3 @@ def lint_paths(paths: Iterable[str], *, select: Optional[list] = None,
             result.errors.append((path, f"cannot parse{f' (line {line})' if line else ''}: "
                                         f"{getattr(e, 'msg', e)}"))
     return result
-
