@@ -677,8 +677,10 @@ def _lazy_init(func: ast.AST, stmt: ast.AST, name: str) -> bool:
 
 
 def _is_reset(stmt: ast.AST, target: ast.expr) -> bool:
-    """``x.clear()``, ``x[:] = []``, ``del x[:]``: back to the state a fresh
-    worker has, so workers converge rather than drift."""
+    """``x.clear()``, ``x[:] = []``, ``del x[:]``: a reset to the state a
+    fresh worker has.  Not reported on its own: a container that diverges is
+    reported where it is filled, and reset-only helpers (``reset_state()``
+    called at start-up or by tests) are not a source of divergence."""
     if isinstance(stmt, ast.Call) and isinstance(stmt.func, ast.Attribute):
         return stmt.func.attr == "clear" and not stmt.args
     whole = isinstance(target, ast.Subscript) and isinstance(target.slice, ast.Slice) and \
