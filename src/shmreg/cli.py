@@ -562,6 +562,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from shmreg.lint import report
+
+    return report.run(args)
+
+
 # -- parser -------------------------------------------------------------------------------
 
 def _pid(s: str) -> int:
@@ -742,6 +748,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chart", metavar="FILE.png", help="write a PNG chart (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    from shmreg.lint import report as lint_report
+    p = _add(sub, "lint", _cmd_lint, "find per-process state that diverges across prefork workers",
+             "Check Python sources (read with ast, nothing is imported) for module- and "
+             "class-level state that a function mutates at run time: each prefork worker "
+             "(gunicorn, uWSGI, Celery, multiprocessing) has its own copy, and they drift "
+             "apart silently.  Each finding names the shmreg replacement.  Settings come "
+             "from [tool.shmreg.lint] in the nearest pyproject.toml.  Exit codes: 0 clean, "
+             "1 findings, 2 usage error.  --list-rules shows the rules.")
+    lint_report.add_arguments(p)
     return ap
 
 
