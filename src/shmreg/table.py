@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -9,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from shmreg import _core, _segment
 from shmreg._core import MISSING
 from shmreg.errors import CorruptTableError, TableExistsError, TableNotFoundError
+from shmreg.trust import Trust, check_mode, check_trust
 
 __all__ = ["Table", "DEFAULT_CAPACITY", "default_memory", "unlink", "list_tables"]
 
@@ -37,6 +39,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _reopen(name: str, mode: int, trust: Trust | None) -> "Table":
+    # How a pickled Table comes back in a spawn/forkserver child.
+    return Table.open(name, mode=mode, trust=trust)
+
+
+def _ttl_arg(ttl: Any) -> Any:
+    # ``inf`` means "never expires", as ``None``; the core takes only
+    # finite positive numbers (it rejects nan, 0 and negatives itself).
+    if isinstance(ttl, bool):
+        raise TypeError("ttl must be a number of seconds, not a bool")
+    return None if ttl == math.inf else ttl
+
+
 class Table(_core.CoreTable):
     """A hash table in shared memory, attached by name from any process of
     this user on this host.
@@ -58,7 +73,15 @@ class Table(_core.CoreTable):
     :param capacity: entries the table is sized for (default 65,536).
     :param memory: bytes for keys and values (default ``default_memory``).
     :param shards: power of two, default chosen from capacity and memory.
-    :param mode: file mode of the segment (default ``0o600``: this user).
+    :param mode: file mode of the segment when this call creates it, and the
+        sharing this call accepts when it opens one (default ``0o600``: this
+        user only; ``0o660``: also your group; ``0o666``: every user).
+    :param trust: other users and groups whose tables you accept (see
+        :class:`~shmreg.Trust`); default: none.  A segment that is not a
+        regular file, is owned by someone else, or is writable beyond
+        ``mode`` raises :class:`~shmreg.UntrustedTableError`.  Pickled
+        values of a table others can write come back as opaque
+        :class:`~shmreg.PickledValue` unless ``Trust(unpickle=True)``.
     :param clock: for tests: a callable returning monotonic seconds, used
         for TTLs instead of ``CLOCK_MONOTONIC``.
 
@@ -70,10 +93,15 @@ class Table(_core.CoreTable):
     """
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
-                 shards: int | None = None, mode: int = 0o600,
+                 shards: int | None = None, mode: int = 0o600, trust: Trust | None = None,
                  clock: Callable[[], float] | None = None, _how: str = "auto",
                  _clock_bits: bool = False) -> None:
         self.name = _segment.check_name(name)
+        #: The sharing accepted at open (and the mode given at creation).
+        self.mode = check_mode(mode)
+        #: The :class:`~shmreg.Trust` this table was opened with (None: nobody else).
+        self.trust = trust
+        checked = check_trust(trust)
         if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
             raise TypeError("capacity must be an int")
         if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool)):
@@ -83,7 +111,7 @@ class Table(_core.CoreTable):
         while True:
             if _how in ("auto", "open"):
                 try:
-                    fd = _segment.open_fd(name)
+                    fd, unpickle = _segment.open_fd(name, mode=mode, trust=checked)
                 except TableNotFoundError:
                     if _how == "open":
                         raise
@@ -92,6 +120,7 @@ class Table(_core.CoreTable):
                         self._attach(fd, clock)
                     finally:
                         os.close(fd)
+                    self.allow_pickle = unpickle
                     break
             cap = DEFAULT_CAPACITY if capacity is None else capacity
             mem = default_memory(cap) if memory is None else memory
@@ -111,9 +140,14 @@ class Table(_core.CoreTable):
         return cls(name, _how="create", **options)
 
     @classmethod
-    def open(cls, name: str, *, clock: Callable[[], float] | None = None) -> "Table":
-        """Open an existing table; :raises TableNotFoundError: there is none."""
-        return cls(name, clock=clock, _how="open")
+    def open(cls, name: str, *, mode: int = 0o600, trust: Trust | None = None,
+             clock: Callable[[], float] | None = None) -> "Table":
+        """Open an existing table (``mode`` and ``trust`` as for :class:`Table`).
+
+        :raises TableNotFoundError: there is none.
+        :raises UntrustedTableError: its segment is not one to trust.
+        """
+        return cls(name, mode=mode, trust=trust, clock=clock, _how="open")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -123,7 +157,7 @@ class Table(_core.CoreTable):
 
     def unlink(self) -> None:
         """Remove the table's name; attached processes keep working until they close."""
-        _segment.unlink(self.name)
+        _segment.unlink(self.name, trust=check_trust(self.trust))
 
     def __enter__(self) -> "Table":
         return self
@@ -133,7 +167,7 @@ class Table(_core.CoreTable):
 
     def __reduce__(self):
         # Pickled for a spawn/forkserver child: the child attaches by name.
-        return (Table.open, (self.name,))
+        return (_reopen, (self.name, self.mode, self.trust))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self)} entries"
@@ -176,6 +210,61 @@ class Table(_core.CoreTable):
         """Remove ``key`` and return its value (atomic); KeyError if absent
         and no ``default``."""
         return self.take(key, default)
+
+    # -- writes that take a ttl (inf: never expires, like None) ----------------
+
+    def set(self, key: Any, value: Any, *, ttl: float | None = None, owned: bool = False) -> None:
+        """Store ``value`` under ``key``, replacing any previous value.
+
+        :param ttl: seconds until the entry expires (``None`` or ``inf``:
+            never).  :raises ValueError: ``ttl`` is nan, zero or negative.
+        :param owned: tie the entry to this process: it vanishes when the
+            process dies, however it dies.
+        :raises TableFullError: no room left.
+        :raises ValueTooLargeError: the item can never fit.
+
+        >>> t.set("answer", 42, ttl=60.0)
+        >>> t["answer"]
+        42
+        """
+        _core.CoreTable.set(self, key, value, ttl=_ttl_arg(ttl), owned=owned)
+
+    def insert_new(self, key: Any, value: Any, *, ttl: float | None = None,
+                   owned: bool = False) -> bool:
+        """Store ``value`` only if ``key`` is absent (or expired); ETS ``insert_new``.
+        ``ttl`` and ``owned`` as for :meth:`set`.
+
+        Exactly one of any number of concurrent callers, in any process, gets
+        ``True``.
+
+        >>> t.insert_new("lock:job-7", "worker-3")
+        True
+        >>> t.insert_new("lock:job-7", "worker-4")
+        False
+        """
+        return _core.CoreTable.insert_new(self, key, value, ttl=_ttl_arg(ttl), owned=owned)
+
+    def update_counter(self, key: Any, incr: int = 1, *, default: int = 0,
+                       ttl: float | None = None) -> int:
+        """Atomically add ``incr`` to the int stored under ``key`` and return the
+        new value; an absent (or expired) key starts from ``default``.
+
+        Exact under any number of processes.  ``ttl`` (``None``/``inf``:
+        never expires) applies when the entry is created.
+        :raises TypeError: the stored value is not an int.
+        :raises OverflowError: the result does not fit in 64 bits.
+
+        >>> t.update_counter("hits")
+        1
+        >>> t.update_counter("hits", 10)
+        11
+        """
+        return _core.CoreTable.update_counter(self, key, incr, default=default, ttl=_ttl_arg(ttl))
+
+    def expire(self, key: Any, ttl: float | None) -> bool:
+        """Give ``key`` a new ``ttl`` in seconds (``None`` or ``inf``: never
+        expire).  Returns False if the key is absent or already expired."""
+        return _core.CoreTable.expire(self, key, _ttl_arg(ttl))
 
     def update(self, other: Mapping | Iterable = (), /, **kwargs: Any) -> None:
         """Store every pair of ``other`` and ``kwargs`` (each store atomic, the
@@ -333,11 +422,17 @@ class Table(_core.CoreTable):
                 raise CorruptTableError(msg)
 
 
-def unlink(name: str) -> None:
-    """Remove table ``name`` (see :meth:`Table.unlink`)."""
-    _segment.unlink(name)
+def unlink(name: str, *, trust: Trust | None = None) -> None:
+    """Remove table ``name`` (see :meth:`Table.unlink`).
+
+    :raises TableNotFoundError: no such table.
+    :raises UntrustedTableError: the file is another user's, not named in ``trust``.
+    """
+    _segment.unlink(name, trust=check_trust(trust))
 
 
-def list_tables() -> list:
-    """Names of the tables on this host, sorted."""
-    return _segment.list_tables()
+def list_tables(*, all_users: bool = False) -> list:
+    """Names of your tables on this host (segment files owned by your
+    effective uid), sorted; with ``all_users``, every user's (including
+    files at a table's name that are not tables)."""
+    return _segment.list_tables(all_users=all_users)
