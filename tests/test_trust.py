@@ -281,7 +281,7 @@ def users():
 EVIL = """
     class Evil:
         def __reduce__(self):
-            return (os.makedirs, (sys.argv[2], 0o777, True))   # runs as whoever unpickles it
+            return (os.mkdir, (sys.argv[2],))   # runs as whoever unpickles it (once: else EEXIST)
 
     t = shmreg.Table(sys.argv[1], mode=0o666, capacity=100, memory=1 << 16)
     t["config"] = Evil()
@@ -351,7 +351,7 @@ def test_explicit_trust_opens_but_unpickles_only_on_request(users, planted):
     with shmreg.Table(name, mode=0o666, trust=shmreg.Trust(uids=[uid])) as t:
         assert t["n"] == 7
         value = t["config"]
-        assert type(value) is shmreg.PickledValue and b"makedirs" in value
+        assert type(value) is shmreg.PickledValue and b"mkdir" in value
         assert dict(t.items())["config"] == value
         assert not os.path.exists(marker)
     with shmreg.Registry(name, mode=0o666, trust=shmreg.Trust(uids=[uid])) as reg:
@@ -376,7 +376,7 @@ def test_root_dump_shows_opaque_bytes_with_a_note(users, planted):
     r = cli("dump", name, "--trust", login, "--mode", "666", "--json")
     entries = {e["key"]: e["value"] for e in json.loads(r.stdout)["entries"]}
     assert entries["config"]["unpickled"] is False and entries["n"] == 7
-    assert b"makedirs" in __import__("base64").b64decode(entries["config"]["pickle_b64"])
+    assert b"mkdir" in __import__("base64").b64decode(entries["config"]["pickle_b64"])
     r = cli("get", name, "config", "--trust", str(users.uid("mallory")), "--mode", "666")
     assert r.returncode == 0 and r.stdout.startswith("<pickled value") and "opaque" in r.stderr
     assert not os.path.exists(marker)

@@ -312,14 +312,16 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 def _cmd_get(args: argparse.Namespace) -> int:
     key = _key_of(args)
     with _open(args.name, args) as t:
-        value = t.get(key, shmreg.MISSING)
-        if value is shmreg.MISSING:
+        # One read gives value and owner: a value is decoded (unpickled) once.
+        got = t._get_owned(key, shmreg.MISSING)
+        if got is shmreg.MISSING:
             raise CliError(f"no key {key!r} in table {args.name!r}")
+        value, owner_id = got
+        owner = t._owner_pid(owner_id) if owner_id else None
         try:
             ttl = t.ttl(key)
-            owner = t.owner(key)
         except KeyError:  # expired or deleted since the read
-            ttl = owner = None
+            ttl = None
     _note_opaque(args.name, [value])
     if args.json:
         _print_json({"key": to_json(key), "value": to_json(value), "ttl": ttl, "owner": owner})

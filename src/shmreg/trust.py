@@ -9,7 +9,8 @@ only if
   ``Trust(uids=...)``;
 - it is not writable by the file's group unless that group is named in
   ``Trust(gids=...)``, or the caller asked for a group-shared ``mode``
-  (``0o660``) and the group is the caller's own;
+  (``0o660``) and the group is the caller's effective group (or it is
+  world-writable and accepted as such);
 - it is not writable by every user unless the caller asked for a
   world-shared ``mode`` (``0o666``).
 
@@ -80,10 +81,11 @@ class Trust:
     """Who besides you may own or write a table you open: the explicit
     opt-in to share tables across users.
 
-    :param uids: users (uids or names) whose segment files you accept.
-    :param gids: groups (gids or names) that may have write access to a
-        segment you accept (its group-write bit set, the file's group one
-        of these).
+    :param uids: users (uids or names, or one of them) whose segment files
+        you accept; kept as a frozenset of uids.
+    :param gids: groups (gids or names, or one of them) that may have write
+        access to a segment you accept (its group-write bit set, the file's
+        group one of these); kept as a frozenset of gids.
     :param unpickle: unpickle the values of a table someone else can write.
         Unpickling runs code chosen by the writer, *as you*; without this,
         such values come back as opaque :class:`~shmreg.PickledValue` bytes.
@@ -91,8 +93,8 @@ class Trust:
     >>> t = Table("shared-jobs", mode=0o660, trust=Trust(uids=["deploy"], gids=["app"]))
     """
 
-    uids: frozenset = field(default=frozenset())
-    gids: frozenset = field(default=frozenset())
+    uids: frozenset[int] | Iterable[int | str] = field(default=frozenset())
+    gids: frozenset[int] | Iterable[int | str] = field(default=frozenset())
     unpickle: bool = False
 
     def __post_init__(self) -> None:
