@@ -497,3 +497,40 @@ def test_sweep_removes_only_our_own_orphans(users, table_name):
         assert os.path.exists(theirs) and not os.path.exists(mine)
     finally:
         os.unlink(theirs)
+
+
+# -- pool workers and the fallback directory ---------------------------------------------------
+
+def _worker_reads(key):
+    t = shmreg.mp.table()
+    return type(t[key]).__name__, t.mode, t.update_counter("n")
+
+
+@pytest.mark.timeout(120)
+def test_pool_workers_attach_with_the_sharing_given(table_name):
+    import multiprocessing
+
+    with shmreg.Table.create(table_name, capacity=100, memory=1 << 16) as t:
+        t["obj"] = [1, 2]
+    os.chmod(_segment.path_of(table_name), 0o666)
+    ctx = multiprocessing.get_context("spawn")
+    with pytest.raises(shmreg.UntrustedTableError):
+        shmreg.mp.attach(table_name)         # what a worker without the sharing gets
+    with ctx.Pool(2, **shmreg.mp.pool_kwargs(table_name, mode=0o666)) as pool:
+        got = pool.map(_worker_reads, ["obj"] * 4)
+    assert sorted(n for *_, n in got) == [1, 2, 3, 4]
+    assert {(kind, mode) for kind, mode, _ in got} == {("PickledValue", 0o666)}
+
+
+def test_fallback_directory_of_another_user_is_refused(tmp_path, monkeypatch):
+    # Without /dev/shm (macOS), tables live in $TMPDIR/shmreg-<uid>: a
+    # directory someone else made there first, or one others can write, is refused.
+    monkeypatch.delenv("SHMREG_DIR")
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: p != "/dev/shm" and real_isdir(p))
+    monkeypatch.setattr(_segment.tempfile, "gettempdir", lambda: str(tmp_path))
+    d = tmp_path / f"shmreg-{os.getuid()}"
+    assert _segment.segment_dir() == str(d)          # made now, mode 0700: fine
+    os.chmod(d, 0o777)
+    with pytest.raises(shmreg.UntrustedTableError, match="segment directory"):
+        _segment.segment_dir()

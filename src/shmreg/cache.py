@@ -34,8 +34,11 @@ class Cache(MutableMapping):
     """A TTL cache in shared memory with eviction and cross-process single flight.
 
     :param name: table name (opened, or created if missing).
-    :param ttl: default time to live in seconds for ``set`` (``None``: entries
-        never expire unless a ``ttl`` is given).
+    :param ttl: default time to live in seconds for ``set`` (``None`` or
+        ``inf``: entries never expire unless a ``ttl`` is given).  Every
+        method's ``ttl`` takes seconds, ``inf`` for "never expires" (as in
+        :class:`~shmreg.Table`), or ``None`` for the cache's default;
+        ``0``, negatives and ``nan`` raise ``ValueError``.
     :param capacity: entries the table is sized for (when it creates it).
     :param memory: bytes for keys and values (when it creates it).
     :param mode: file mode when it creates its tables, the sharing accepted
