@@ -47,9 +47,15 @@ def _reopen(name: str, mode: int, trust: Trust | None) -> "Table":
 def _ttl_arg(ttl: Any) -> Any:
     # ``inf`` means "never expires", as ``None``; the core takes only
     # finite positive numbers (it rejects nan, 0 and negatives itself).
-    if isinstance(ttl, bool):
+    if ttl is True or ttl is False:
         raise TypeError("ttl must be a number of seconds, not a bool")
-    return None if ttl == math.inf else ttl
+    return None if ttl == _INF else ttl
+
+
+_INF = math.inf
+# The core's writers, called from the thin overrides below (one lookup).
+_core_set = _core.CoreTable.set
+_core_insert_new = _core.CoreTable.insert_new
 
 
 class Table(_core.CoreTable):
@@ -227,7 +233,15 @@ class Table(_core.CoreTable):
         >>> t["answer"]
         42
         """
-        _core.CoreTable.set(self, key, value, ttl=_ttl_arg(ttl), owned=owned)
+        if ttl is None:
+            if owned:
+                _core_set(self, key, value, owned=True)
+            else:  # the common call: no keyword arguments to pass on
+                _core_set(self, key, value)
+        elif ttl == _INF or ttl is True or ttl is False:  # (inlined _ttl_arg: set is hot)
+            _core_set(self, key, value, ttl=_ttl_arg(ttl), owned=owned)
+        else:
+            _core_set(self, key, value, ttl=ttl, owned=owned)
 
     def insert_new(self, key: Any, value: Any, *, ttl: float | None = None,
                    owned: bool = False) -> bool:
@@ -242,7 +256,9 @@ class Table(_core.CoreTable):
         >>> t.insert_new("lock:job-7", "worker-4")
         False
         """
-        return _core.CoreTable.insert_new(self, key, value, ttl=_ttl_arg(ttl), owned=owned)
+        if ttl is None and not owned:
+            return _core_insert_new(self, key, value)
+        return _core_insert_new(self, key, value, ttl=_ttl_arg(ttl), owned=owned)
 
     def update_counter(self, key: Any, incr: int = 1, *, default: int = 0,
                        ttl: float | None = None) -> int:
