@@ -158,7 +158,7 @@ def test_pickled_table_reopens_with_its_trust(table_name):
 
 def test_trust_and_mode_validation():
     assert shmreg.Trust(uids=0).uids == frozenset({0})
-    assert shmreg.Trust(uids=["root", "0"], gids=["root"]).uids == frozenset({0})
+    assert shmreg.Trust(uids=["root", "0"], gids=[0]).uids == frozenset({0})
     with pytest.raises(ValueError, match="no user named"):
         shmreg.Trust(uids=["no-such-user-shmreg"])
     with pytest.raises(ValueError, match="no group named"):
@@ -341,6 +341,24 @@ def test_another_users_table_is_refused_everywhere(users, planted):
     """, name)
     assert r.stdout.split() == ["refused", str(uid)], r.stderr
     assert not os.path.exists(marker)
+
+
+@needs_users
+@pytest.mark.timeout(120)
+def test_a_planted_single_flight_table_is_refused(users, table_name, tmp_path):
+    # Cache opens a second table by name, NAME--flights, on its first get_or_set.
+    flights = f"{table_name}--flights"
+    r = users.run("mallory", EVIL, flights, str(tmp_path / "pwned"))
+    assert r.returncode == 0, r.stderr
+    try:
+        with shmreg.Cache(table_name) as c:
+            with pytest.raises(shmreg.UntrustedTableError, match=users.names["mallory"]):
+                c.get_or_set("k", lambda: 1)
+            r = cli("destroy", table_name)   # removes NAME--flights too: not someone else's
+            assert r.returncode == 1 and users.names["mallory"] in r.stderr
+            c.table.unlink()
+    finally:
+        shmreg.unlink(flights, trust=shmreg.Trust(uids=[users.uid("mallory")]))
 
 
 @needs_users
