@@ -48,7 +48,7 @@ def segment_dir() -> str:
     # first, to control every table we would put in it.
     st = os.lstat(d)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise untrusted_error("*", d, st, "the segment directory",
+        raise untrusted_error("*", d, st, "not a safe segment directory",
                               "It must be a directory of yours that no one else can write: "
                               "remove it, or set SHMREG_DIR to such a directory.")
     return d

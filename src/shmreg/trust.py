@@ -164,7 +164,7 @@ def untrusted_error(name: str, path: str, st: os.stat_result, problem: str, fix:
     mode, what is wrong and how to fix it."""
     owner = describe_owner(st.st_uid)
     me = describe_owner(os.geteuid())
-    msg = (f"refusing table {name!r}: {path} ({problem}) is owned by {owner}, "
+    msg = (f"refusing table {name!r}: {path} is {problem}: owned by {owner}, "
            f"group {_group_name(st.st_gid)} (gid {st.st_gid}), mode {stat.S_IMODE(st.st_mode):#o}; "
            f"you are {me}. {fix}")
     err = UntrustedTableError(errno.EPERM, msg, path)
@@ -191,12 +191,18 @@ def check_segment(name: str, path: str, st: os.stat_result, *, mode: int, trust:
         raise untrusted_error(name, path, st, f"{_kind(st)}, not a table segment",
                               f"shmreg never follows links or opens special files. {_remove_hint(path)}.")
     if st.st_uid != euid and st.st_uid not in trust.uids:
+        user = _user_name(st.st_uid)
+        py, cli = f"trust=shmreg.Trust(uids=[{st.st_uid}])", f"--trust {user if user != '?' else st.st_uid}"
+        if st.st_mode & stat.S_IWOTH:   # name all it takes, not one step at a time
+            py, cli = f"mode=0o666, {py}", f"{cli} --mode 666"
+        elif st.st_mode & stat.S_IWGRP:
+            py = f"mode=0o660, trust=shmreg.Trust(uids=[{st.st_uid}], gids=[{st.st_gid}])"
+            cli += f" --trust-group {st.st_gid} --mode 660"
         raise untrusted_error(
             name, path, st, "not yours",
             "Whoever controls a table can run code in the processes that read it (values are "
             f"pickles), so shmreg opens only your own. {_remove_hint(path)}; to share it with "
-            f"that user on purpose: Table(name, trust=shmreg.Trust(uids=[{st.st_uid}])) "
-            f"(CLI: --trust {_user_name(st.st_uid) if _user_name(st.st_uid) != '?' else st.st_uid}).")
+            f"that user on purpose: Table(name, {py}) (CLI: {cli}).")
     world = bool(st.st_mode & stat.S_IWOTH)
     if world and not mode & stat.S_IWOTH:
         raise untrusted_error(
