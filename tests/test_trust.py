@@ -11,6 +11,7 @@ child processes as them: they need root, which CI has.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -395,7 +396,7 @@ def test_root_dump_shows_opaque_bytes_with_a_note(users, planted):
     r = cli("dump", name, "--trust", login, "--mode", "666", "--json")
     entries = {e["key"]: e["value"] for e in json.loads(r.stdout)["entries"]}
     assert entries["config"]["unpickled"] is False and entries["n"] == 7
-    assert b"mkdir" in __import__("base64").b64decode(entries["config"]["pickle_b64"])
+    assert b"mkdir" in base64.b64decode(entries["config"]["pickle_b64"])
     r = cli("get", name, "config", "--trust", str(users.uid("mallory")), "--mode", "666")
     assert r.returncode == 0 and r.stdout.startswith("<pickled value") and "opaque" in r.stderr
     assert not os.path.exists(marker)
