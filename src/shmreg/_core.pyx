@@ -24,6 +24,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
 from libc.errno cimport errno
+from libc.math cimport INFINITY
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromLongLong
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
@@ -294,11 +295,16 @@ cdef class CoreTable:
         return <uint64_t>(self._clock() * 1e9)
 
     cdef inline uint64_t expires_at(self, object ttl, uint64_t now) except? 0:
+        # None and inf: never expires.
         if ttl is None:
             return 0
+        if ttl is True or ttl is False:
+            raise TypeError("ttl must be a number of seconds, not a bool")
         cdef double t = ttl
+        if t == INFINITY:
+            return 0
         if not (t > 0) or t > 1e11:
-            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+            raise ValueError(f"ttl must be a positive number of seconds (or None/inf: never), not {ttl!r}")
         return now + <uint64_t>(t * 1e9)
 
     cdef int raise_lock(self, int st, int which) except -1:
@@ -391,7 +397,8 @@ cdef class CoreTable:
     def set(self, key, value, *, ttl=None, owned=False):
         """Store ``value`` under ``key``, replacing any previous value.
 
-        :param ttl: seconds until the entry expires (``None``: never).
+        :param ttl: seconds until the entry expires (``None`` or ``inf``:
+            never).  :raises ValueError: ``ttl`` is nan, zero or negative.
         :param owned: tie the entry to this process: it vanishes when the
             process dies, however it dies.
         :raises TableFullError: no room left.
@@ -405,6 +412,7 @@ cdef class CoreTable:
 
     def insert_new(self, key, value, *, ttl=None, owned=False):
         """Store ``value`` only if ``key`` is absent (or expired); ETS ``insert_new``.
+        ``ttl`` and ``owned`` as for :meth:`set`.
 
         Exactly one of any number of concurrent callers, in any process, gets
         ``True``.
@@ -504,8 +512,9 @@ cdef class CoreTable:
         """Atomically add ``incr`` to the int stored under ``key`` and return the
         new value; an absent (or expired) key starts from ``default``.
 
-        Exact under any number of processes.  ``ttl`` applies when the entry is
-        created.  :raises TypeError: the stored value is not an int.
+        Exact under any number of processes.  ``ttl`` (``None``/``inf``:
+        never expires) applies when the entry is created.
+        :raises TypeError: the stored value is not an int.
         :raises OverflowError: the result does not fit in 64 bits.
 
         >>> t.update_counter("hits")
@@ -547,8 +556,8 @@ cdef class CoreTable:
             self.leave()
 
     def expire(self, key, ttl):
-        """Give ``key`` a new ``ttl`` in seconds (``None``: never expire).
-        Returns False if the key is absent or already expired."""
+        """Give ``key`` a new ``ttl`` in seconds (``None`` or ``inf``: never
+        expire).  Returns False if the key is absent or already expired."""
         cdef KeyRef k
         cdef uint64_t now, exp
         cdef uint32_t si
