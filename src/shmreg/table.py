@@ -264,10 +264,8 @@ class Table(_core.CoreTable):
     def owner(self, key: Any) -> int | None:
         """Pid of the live process that owns ``key``; None if the entry is not
         owned.  :raises KeyError: absent (or its owner is dead)."""
-        value_owner = self._get_owned(key, MISSING)
-        if value_owner is MISSING:
-            raise KeyError(key)
-        return self._owner_pid(value_owner[1]) if value_owner[1] else None
+        owner = self._owner_of(key)      # (never decodes, so never unpickles, the value)
+        return self._owner_pid(owner) if owner else None
 
     def _owner_ids(self, pid: int) -> set:
         if not isinstance(pid, int) or isinstance(pid, bool):
