@@ -81,6 +81,13 @@ class ShmregCache(BaseCache):
     def _put(self, key: str, value: Any, ttl: float | None, only_new: bool) -> bool:
         try:
             stored, _ = self._table._cache_put(key, value, ttl, only_new, True)
+        except TypeError as e:
+            # The core says "cannot store ... not picklable" and chains what
+            # pickle raised; Django's backends pickle themselves, so callers
+            # expect pickle's own exception (e.g. pickle.PickleError).
+            if isinstance(e.__cause__, Exception):
+                raise e.__cause__ from None
+            raise
         except ValueTooLargeError:
             # As Django's memcached backends do: a value too big to cache must
             # not leave the previous value behind (cache_db sessions rely on
