@@ -21,26 +21,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import django
 import psutil
 import pytest
-from django.conf import settings
 
 import shmreg
 from _gunicorn_server import GunicornServer
 from _helpers import run_py, spawn_py, unique_name, wait_until
 
-DEFAULT_TABLE = unique_name("dj-default")
-if not settings.configured:
-    settings.configure(
-        CACHES={"default": {"BACKEND": "shmreg.django.ShmregCache", "LOCATION": DEFAULT_TABLE,
-                            "OPTIONS": {"MAX_ENTRIES": 4096, "memory": 4 << 20}}},
-        SESSION_ENGINE="django.contrib.sessions.backends.cache",
-        SECRET_KEY="shmreg-tests",
-        INSTALLED_APPS=[],
-        USE_TZ=True,
-    )
-    django.setup()
+import _django_settings  # noqa: E402
+
+DEFAULT_TABLE = _django_settings.configure()
 
 from django.core.cache import CacheKeyWarning, cache, caches  # noqa: E402
 from django.core.cache.backends.base import BaseCache  # noqa: E402
@@ -55,11 +45,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def teardown_module(module):
-    for name in (DEFAULT_TABLE, DEFAULT_TABLE + "--flights"):
-        try:
-            shmreg.unlink(name)
-        except shmreg.TableNotFoundError:
-            pass
+    _django_settings.cleanup()
 
 
 @pytest.fixture
