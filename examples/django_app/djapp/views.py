@@ -2,6 +2,7 @@
 
   GET /                 this worker's pid
   GET /page/            a page cached for 60 s with @cache_page
+  GET /item/<n>/        page n, cached 300 s with @cache_page (~2 ms to render)
   GET /compute/<n>/     an expensive value through cache.get_or_set(key, callable):
                         with shmreg it is computed once across all workers, even
                         when they all get the request at the same moment
@@ -54,6 +55,15 @@ def page(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"pid": os.getpid(), "rendered": runs})
 
 
+@cache_page(300)
+def item(request: HttpRequest, n: int) -> JsonResponse:
+    counters().update_counter("item")
+    h = str(n).encode()
+    for _ in range(int(os.environ.get("SHMREG_DJANGO_ITEM_ROUNDS", "4000"))):
+        h = hashlib.sha256(h).digest()
+    return JsonResponse({"pid": os.getpid(), "n": n, "digest": h.hex()})
+
+
 def expensive(n: int) -> str:
     counters().update_counter("compute")
     time.sleep(float(os.environ.get("SHMREG_DJANGO_DELAY", "0.2")))
@@ -86,6 +96,7 @@ def stats(request: HttpRequest) -> JsonResponse:
 urlpatterns = [
     path("", index),
     path("page/", page),
+    path("item/<int:n>/", item),
     path("compute/<int:n>/", compute),
     path("session/", session),
     path("sleep/", sleep),
