@@ -93,6 +93,8 @@ def teardown_module(module):
         except shmreg.TableNotFoundError:
             pass
     shutil.rmtree(_TMP, ignore_errors=True)
+    if not API:
+        return
     lines = ["", "Django cache API, ns per operation (median), and ratio to shmreg:"]
     for op in ("get", "set"):
         base = API.get(("shmreg", op))

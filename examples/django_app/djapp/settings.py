@@ -26,7 +26,9 @@ MIDDLEWARE = [
 ]
 
 if CACHE_KIND == "locmem":
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    # The same entry limit as the shmreg table (Django's default is 300).
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                          "OPTIONS": {"MAX_ENTRIES": 16_384}}}
 else:
     CACHES = {
         "default": {
