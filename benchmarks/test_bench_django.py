@@ -211,7 +211,7 @@ def _serve(kind: str, tmp) -> dict:
     prefix = bc.unique_table_name(f"djb{kind}") + "-"
     env = {"SHMREG_DJANGO_PREFIX": prefix, "SHMREG_DJANGO_BIND": "127.0.0.1:0",
            "SHMREG_DJANGO_WORKERS": str(WORKERS), "SHMREG_DJANGO_CACHE": kind,
-           "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), EXAMPLE])}
+           "PYTHONPATH": EXAMPLE}
     s = GunicornServer(os.path.join(EXAMPLE, "gunicorn.conf.py"), cwd=EXAMPLE, env=env,
                        prefix=prefix, registry=prefix + "workers", workers=WORKERS,
                        log_path=tmp / f"gunicorn-{kind}.log")

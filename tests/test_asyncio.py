@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 
 import psutil
 import pytest
@@ -23,7 +22,6 @@ from _helpers import spawn_py, unique_name, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "asgi_app")
-SRC = os.path.join(ROOT, "src")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,7 +156,6 @@ def test_event_loop_runs_while_another_process_computes(cache):
     the loop, the ticker could not run and the child would never finish."""
     child = spawn_py(f"""
 import sys, time
-sys.path.insert(0, {SRC!r})
 import shmreg
 cache = shmreg.Cache({cache.name!r})
 def compute():
@@ -245,7 +242,7 @@ def server(tmp_path_factory):
     prefix = unique_name("asg") + "-"
     env = {"SHMREG_ASGI_PREFIX": prefix, "SHMREG_ASGI_BIND": "127.0.0.1:0",
            "SHMREG_ASGI_WORKERS": "2", "SHMREG_ASGI_DELAY": "0.5",
-           "PYTHONPATH": os.pathsep.join([SRC, EXAMPLE, os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([EXAMPLE, os.environ.get("PYTHONPATH", "")])}
     s = GunicornServer(os.path.join(EXAMPLE, "gunicorn.conf.py"), cwd=EXAMPLE, env=env,
                        prefix=prefix, registry=prefix + "workers", workers=2,
                        log_path=tmp_path_factory.mktemp("asgunicorn") / "gunicorn.log")

@@ -39,7 +39,6 @@ from shmreg.django import ShmregCache  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "django_app")
-SRC = os.path.join(ROOT, "src")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -397,8 +396,6 @@ def test_cache_sessions_in_process():
 # -- several processes -------------------------------------------------------------
 
 CHILD_PRELUDE = f"""
-import sys
-sys.path.insert(0, {SRC!r})
 from shmreg.django import ShmregCache
 """
 
@@ -474,7 +471,7 @@ def server(tmp_path_factory):
     prefix = unique_name("djg") + "-"
     env = {"SHMREG_DJANGO_PREFIX": prefix, "SHMREG_DJANGO_BIND": "127.0.0.1:0",
            "SHMREG_DJANGO_WORKERS": "3", "SHMREG_DJANGO_DELAY": "0.3",
-           "PYTHONPATH": os.pathsep.join([SRC, EXAMPLE, os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([EXAMPLE, os.environ.get("PYTHONPATH", "")])}
     s = GunicornServer(os.path.join(EXAMPLE, "gunicorn.conf.py"), cwd=EXAMPLE, env=env,
                        prefix=prefix, registry=prefix + "workers", workers=3,
                        log_path=tmp_path_factory.mktemp("djgunicorn") / "gunicorn.log")

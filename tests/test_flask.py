@@ -29,7 +29,6 @@ from shmreg.cachelib import ShmregCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "flask_app")
-SRC = os.path.join(ROOT, "src")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -219,8 +218,6 @@ def test_instances_share_one_table_per_process(make):
 # -- several processes -------------------------------------------------------------
 
 CHILD = f"""
-import sys
-sys.path.insert(0, {SRC!r})
 from shmreg.cachelib import ShmregCache
 """
 
@@ -344,7 +341,7 @@ def server(tmp_path_factory):
     prefix = unique_name("flg") + "-"
     env = {"SHMREG_FLASK_PREFIX": prefix, "SHMREG_FLASK_BIND": "127.0.0.1:0",
            "SHMREG_FLASK_WORKERS": "3",
-           "PYTHONPATH": os.pathsep.join([SRC, EXAMPLE, os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([EXAMPLE, os.environ.get("PYTHONPATH", "")])}
     s = GunicornServer(os.path.join(EXAMPLE, "gunicorn.conf.py"), cwd=EXAMPLE, env=env,
                        prefix=prefix, registry=prefix + "workers", workers=3,
                        log_path=tmp_path_factory.mktemp("flgunicorn") / "gunicorn.log")
