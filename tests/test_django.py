@@ -315,6 +315,32 @@ def test_get_or_set_computes_once_across_threads(c):
     assert results == ["v"] * 6 and calls == [1]
 
 
+def test_get_or_set_computes_itself_after_waiting_too_long(make):
+    c = make(OPTIONS={"SINGLE_FLIGHT_TIMEOUT": 0.2})
+    key = c.make_key("k")
+    flights = c.shmreg_cache._flight_table()
+    flights.insert_new(key, 1, ttl=30)       # another process "computes" and never ends
+    try:
+        assert c.get_or_set("k", lambda: "mine") == "mine" and c.get("k") == "mine"
+        c.delete("k")
+
+        async def mine():
+            return "async mine"
+
+        assert asyncio.run(c.aget_or_set("k", mine)) == "async mine"
+        assert c.get("k") == "async mine"
+        c.delete("k")
+
+        def raises_timeout():
+            raise TimeoutError("from the factory")
+
+        flights.delete(key)                  # our own factory's TimeoutError is its own
+        with pytest.raises(TimeoutError, match="from the factory"):
+            c.get_or_set("k", raises_timeout)
+    finally:
+        flights.delete(key)
+
+
 def test_close_is_cheap_and_leaves_cache_usable(c):
     c.set("k", 1)
     for _ in range(3):

@@ -29,6 +29,7 @@ this process creates it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Iterable
 
@@ -42,6 +43,15 @@ __all__ = ["ShmregCache"]
 
 _log = logging.getLogger("shmreg.django")
 _MISSING = _core.MISSING
+_NOT_YET = object()
+
+
+async def _call(factory: Any) -> Any:
+    """``factory()``, awaited if it returns an awaitable."""
+    value = factory()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 class ShmregCache(BaseCache):
@@ -50,7 +60,9 @@ class ShmregCache(BaseCache):
     ``LOCATION`` is the table name (default ``"django-cache"``).  ``OPTIONS``:
     ``MAX_ENTRIES`` (entries the table is sized for, default 65,536) and
     ``memory`` (bytes for keys and values), both used only when the table is
-    created; an existing table keeps its geometry.
+    created (an existing table keeps its geometry); ``SINGLE_FLIGHT_TIMEOUT``
+    (seconds a ``get_or_set`` waits for another process's computation before
+    computing itself, default 30).
 
     Django makes one backend object per thread (and per async context); they
     all share this process's one attached table, so a backend object costs a
@@ -63,6 +75,7 @@ class ShmregCache(BaseCache):
         self._name = location or "django-cache"
         capacity = options.get("MAX_ENTRIES", options.get("max_entries"))
         memory = options.get("memory", options.get("MEMORY"))
+        self._flight_timeout = float(options.get("SINGLE_FLIGHT_TIMEOUT", 30.0))
         self._cache: Cache[Any] = shared_cache(self._name, capacity=capacity, memory=memory)
         self._table = self._cache.table
 
@@ -212,7 +225,9 @@ class ShmregCache(BaseCache):
 
         A callable ``default`` runs in exactly one process at a time per key:
         concurrent callers in every worker wait for its value instead of each
-        computing it (see :meth:`shmreg.Cache.get_or_set`).
+        computing it (see :meth:`shmreg.Cache.get_or_set`).  A caller that
+        waited ``OPTIONS["SINGLE_FLIGHT_TIMEOUT"]`` seconds (default 30) for
+        another process computes the value itself, as Django's backends do.
         """
         made = self.make_and_validate_key(key, version=version)
         value = self._table.get(made, _MISSING)
@@ -223,17 +238,23 @@ class ShmregCache(BaseCache):
             computed: list[Any] = []
 
             def compute() -> Any:
-                computed.append(default())
+                computed.append(_NOT_YET)
+                computed[0] = default()
                 return computed[0]
 
             try:
-                return self._cache.get_or_set(made, compute, ttl=ttl)
+                return self._cache.get_or_set(made, compute, ttl=ttl,
+                                              timeout=self._flight_timeout)
             except ValueTooLargeError:
-                if not computed:
+                if not computed or computed[0] is _NOT_YET:
                     raise
                 self._table.delete(made)   # as in set(): no stale value left
                 return computed[0]
-        if callable(default):
+            except TimeoutError:
+                if computed:               # raised by default() itself
+                    raise
+                default = default()        # waited long enough: compute here
+        elif callable(default):
             default = default()
         self.add(key, default, timeout=timeout, version=version)
         # Another process may have added first: its value wins, as in Django.
@@ -284,9 +305,27 @@ class ShmregCache(BaseCache):
             return value
         ttl = self._ttl(timeout)
         if callable(default) and (ttl is None or ttl > 0):
-            return await self._cache.aget_or_set(made, default, ttl=ttl)
-        if callable(default):
-            default = default()
+            computed: list[Any] = []
+
+            async def compute() -> Any:
+                computed.append(_NOT_YET)
+                computed[0] = await _call(default)
+                return computed[0]
+
+            try:
+                return await self._cache.aget_or_set(made, compute, ttl=ttl,
+                                                     timeout=self._flight_timeout)
+            except ValueTooLargeError:
+                if not computed or computed[0] is _NOT_YET:
+                    raise
+                self._table.delete(made)
+                return computed[0]
+            except TimeoutError:
+                if computed:
+                    raise
+                default = await _call(default)
+        elif callable(default):
+            default = await _call(default)
         await self.aadd(key, default, timeout=timeout, version=version)
         return await self.aget(key, default, version=version)
 
