@@ -54,8 +54,9 @@ class ShmregCache(BaseCache):
     :param key_prefix: prepended to every key (a str, or a callable returning one).
     :param capacity: entries the table is sized for (when this creates it).
     :param memory: bytes for keys and values (when this creates it).
-    :param ignore_delete_many_errors: as cachelib's (a key that is absent
-        after ``delete_many`` always counts as deleted here).
+    :param ignore_delete_many_errors: accepted for cachelib/Flask-Caching
+        compatibility; ``delete_many`` cannot fail here (a key absent
+        afterwards counts as deleted).
 
     Every instance in a process on the same ``name`` shares one attached
     table; instances in other processes see the same entries.
@@ -71,7 +72,8 @@ class ShmregCache(BaseCache):
     def __init__(self, name: str = "cachelib", default_timeout: Timeout = 300,
                  key_prefix: str | Callable[[], str] = "", *, capacity: int | None = None,
                  memory: int | None = None, ignore_delete_many_errors: bool = True) -> None:
-        super().__init__(default_timeout=0, ignore_delete_many_errors=ignore_delete_many_errors)
+        super().__init__(default_timeout=0)   # (older cachelib has no other argument)
+        self.ignore_delete_many_errors = ignore_delete_many_errors
         self.default_timeout = self._seconds(300 if default_timeout is None else default_timeout)
         self.key_prefix = key_prefix
         self._cache: Cache[Any] = shared_cache(name, capacity=capacity, memory=memory)
@@ -156,6 +158,13 @@ class ShmregCache(BaseCache):
     def delete(self, key: str) -> bool:
         """Remove ``key``; whether it was there."""
         return self._table.delete(self._key(key))
+
+    def delete_many(self, *keys: str) -> list[Any]:
+        """Remove ``keys``; returns them all (a key absent afterwards counts
+        as deleted, so there are no failures to report)."""
+        for key in keys:
+            self._table.delete(self._key(key))
+        return list(keys)
 
     def clear(self) -> bool:
         """Remove this cache's entries: those under ``key_prefix`` if there is
