@@ -32,7 +32,9 @@ import _django_settings  # noqa: E402
 
 DEFAULT_TABLE = _django_settings.configure()
 
-from django.core.cache import CacheKeyWarning, cache, caches  # noqa: E402
+# (Not django.core.cache.cache: a module-level proxy would open the default
+# table when pytest inspects the module at collection.)
+from django.core.cache import CacheKeyWarning, caches  # noqa: E402
 from django.core.cache.backends.base import BaseCache  # noqa: E402
 
 from shmreg.django import ShmregCache  # noqa: E402
@@ -350,6 +352,7 @@ def test_close_is_cheap_and_leaves_cache_usable(c):
     assert c.get("k") == 2
     # Django closes the caches after every request (request_finished).
     from django.core import signals
+    cache = caches["default"]
     cache.set("k", "v")
     signals.request_finished.send(sender=None)
     assert cache.get("k") == "v"
