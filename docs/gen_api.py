@@ -43,6 +43,8 @@ MODULES = [
     "shmreg.gunicorn",
     "shmreg.mp",
     "shmreg.testing",
+    "shmreg.django",
+    "shmreg.cachelib",
 ]
 
 # The command line parser: ``module:function`` returning an ArgumentParser.
