@@ -86,6 +86,8 @@ HEADER_SIZE = SHM_HEADER_SIZE
 NPROCS = SHM_NPROCS
 ITEM_OVERHEAD = SHM_ITEM_HDR
 HAVE_ROBUST = bool(SHM_HAVE_ROBUST)
+#: True in a SHMREG_DEBUG=1 build (every writer's unlock re-checks its shard).
+DEBUG_BUILD = bool(SHM_DEBUG_BUILD)
 SHARD_STRUCT_SIZE = sizeof(shm_shard_t)
 
 

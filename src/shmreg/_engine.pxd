@@ -75,6 +75,7 @@ cdef extern from "engine/shm_crash.h" nogil:
     void shm_crash_arm(int point, long count, int stop)
 
 cdef extern from "engine/shm_engine.h" nogil:
+    int SHM_DEBUG_BUILD
     enum:
         SHM_OK, SHM_NO, SHM_FULL, SHM_CORRUPT, SHM_NOMEM, SHM_NOTINT, SHM_OVERFLOW,
         SHM_NOMATCH, SHM_BUSY, SHM_ABANDONED, SHM_BADLOCK, SHM_TIMEOUT, SHM_TOOBIG, SHM_SYSERR

@@ -21,6 +21,13 @@
 #include "shm_layout.h"
 #include "shm_sync.h"
 
+/* SHMREG_DEBUG builds check a shard's invariants at every writer's unlock. */
+#ifdef SHMREG_DEBUG
+#define SHM_DEBUG_BUILD 1
+#else
+#define SHM_DEBUG_BUILD 0
+#endif
+
 /* ---- status codes --------------------------------------------------------- */
 enum shm_status {
     SHM_OK = 1,            /* done */
