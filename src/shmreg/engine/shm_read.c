@@ -5,6 +5,21 @@
 
 #include <string.h>
 
+/* Key bytes equal?  Short keys (the common case) without a call to memcmp. */
+static inline int key_eq(const unsigned char *a, const unsigned char *b, size_t n) {
+    if (n <= 16) {
+        uint64_t x = 0, y = 0, x2 = 0, y2 = 0;
+        if (n >= 8) {
+            memcpy(&x, a, 8); memcpy(&y, b, 8);
+            memcpy(&x2, a + n - 8, 8); memcpy(&y2, b + n - 8, 8);   /* overlapping tail */
+            return ((x ^ y) | (x2 ^ y2)) == 0;
+        }
+        memcpy(&x, a, n); memcpy(&y, b, n);
+        return x == y;
+    }
+    return memcmp(a, b, n) == 0;
+}
+
 int64_t shm_find(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t *out_off, int64_t *ins) {
     const uint64_t *ix = shm_index(v, si);
     const char *ar = shm_arena(v, si);
@@ -33,7 +48,7 @@ int64_t shm_find(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t 
             if (size < SHM_BLOCK_MIN || (size & 7) || size > v->arena_size - off || SHM_ITEM_HDR + vlen + klen > size)
                 return -2;
             if (klen == k->n && (unsigned)(it->types & 15) == k->ktype
-                    && memcmp(ar + off + SHM_ITEM_HDR + vlen, k->p, klen) == 0) {
+                    && key_eq((const unsigned char *)ar + off + SHM_ITEM_HDR + vlen, k->p, klen)) {
                 *out_off = off;
                 return pos;
             }
