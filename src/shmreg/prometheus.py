@@ -435,12 +435,13 @@ def _fold_dead(table: Table, entries: Iterable[tuple], only_pid: Optional[int] =
     return live
 
 
-def mark_process_dead(pid: int, table: Union[str, Table, None] = None) -> None:
+def mark_process_dead(pid: int, table: Union[str, Table, None] = None, *, reap: bool = True) -> None:
     """What prometheus_client's ``multiprocess.mark_process_dead`` is for:
     call it when process ``pid`` has exited (gunicorn's ``child_exit``).  It
     folds the dead process's ``min``/``max``/``mostrecent`` gauge values and
-    frees its owned entries now instead of at the next scrape.  Optional:
-    live-mode values vanish without it, and a scrape folds what is left."""
+    (``reap``) frees its owned entries now instead of at the next scrape.
+    Optional: live-mode values vanish without it, and a scrape folds what is
+    left.  A live ``pid`` is left alone."""
     t = _resolve(table)
     folded = []
     for key, value in t.select(prefix=_PROCESS + _SEP):
@@ -448,7 +449,8 @@ def mark_process_dead(pid: int, table: Union[str, Table, None] = None) -> None:
         if mode in _FOLDED_MODES:
             folded.append((key, value, mode, proc, tail))
     _fold_dead(t, folded, only_pid=pid)
-    t.reap(pid)
+    if reap:
+        t.reap(pid)
 
 
 def child_exit(server: Any, worker: Any) -> None:
