@@ -205,3 +205,25 @@ def test_a_pool_process_sigkilled_mid_task_is_reaped(worker):
     assert task not in worker.results([task])
     assert _metric(worker, "example_tasks_total", {"task": "hold"}) == 1
     worker.state.check()
+
+
+def test_the_module_named_celery_imports_the_real_celery():
+    import shmreg.celery as sc
+
+    assert sc.signals is celery.signals
+    assert sc.signals.worker_process_init is celery.signals.worker_process_init
+
+
+def test_bad_configuration_is_refused_before_the_worker_starts():
+    import shmreg.celery as sc
+
+    with pytest.raises(TypeError):
+        sc.configure(object())
+    with pytest.raises(TypeError):
+        sc.configure(None, "one-table")
+    with pytest.raises(ValueError):
+        sc.configure(None, {"../escape": None})
+    with pytest.raises(TypeError):
+        sc.configure(None, {"ok-name": 42})
+    with pytest.raises(ValueError):
+        sc.configure(None, {"same": None}, registry="same")
