@@ -41,9 +41,11 @@ MAX_TASKS = 8
 
 def _broker_options(queue_dir: str) -> dict:
     processed = os.path.join(queue_dir, "processed")
-    os.makedirs(processed, exist_ok=True)
+    control = os.path.join(queue_dir, "control")
+    for d in (processed, control):
+        os.makedirs(d, exist_ok=True)
     return {"data_folder_in": queue_dir, "data_folder_out": queue_dir,
-            "data_folder_processed": processed, "polling_interval": 0.05}
+            "data_folder_processed": processed, "control_folder": control, "polling_interval": 0.05}
 
 
 class Worker:

@@ -29,9 +29,11 @@ STATE, CACHE, POOL, METRICS = (PREFIX + s for s in ("state", "cache", "pool", "m
 def broker_options(queue_dir: str) -> dict:
     """kombu filesystem transport settings (a producer uses the same)."""
     processed = os.path.join(queue_dir, "processed")
-    os.makedirs(processed, exist_ok=True)
+    control = os.path.join(queue_dir, "control")
+    for d in (processed, control):
+        os.makedirs(d, exist_ok=True)
     return {"data_folder_in": queue_dir, "data_folder_out": queue_dir,
-            "data_folder_processed": processed, "polling_interval": 0.05}
+            "data_folder_processed": processed, "control_folder": control, "polling_interval": 0.05}
 
 
 app = Celery("tasks", broker="filesystem://")
