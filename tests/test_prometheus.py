@@ -16,20 +16,17 @@ real gunicorn.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import time
-import http.client
 
 import pytest
 
 import shmreg
-from _helpers import unique_name, wait_until
+from _helpers import unique_name
 
 prometheus_client = pytest.importorskip("prometheus_client", reason="pip install -e .[test]")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
@@ -301,3 +298,31 @@ def test_table_does_not_grow_with_restarts(table_name):
     assert second["b_mostrecent"] == 199
     assert "b_livemax" not in second and "b_liveall" not in second   # every process is dead
     assert size_second == size_first, (size_first, size_second)
+
+
+def test_values_in_one_process_follow_prometheus_client(table_name):
+    from prometheus_client import Counter, Gauge, values
+
+    before = values.ValueClass
+    t = sp.enable(table_name, export_env=False)
+    try:
+        assert sp.enabled() is t and values.ValueClass is sp.ShmregValue
+        c = Counter("one_c", "c", registry=None)
+        c.inc(2)
+        c.inc(0.5)
+        assert c._value.get() == 2.5
+        c.reset()                                # this process's share back to 0
+        c.inc(1)
+        s = Gauge("one_sum", "s", registry=None, multiprocess_mode="sum")
+        s.set(7.75)
+        s.inc(2)
+        s.set(-1.5)
+        m = Gauge("one_mr", "m", registry=None, multiprocess_mode="mostrecent")
+        with pytest.raises(RuntimeError):
+            m.inc()                              # prometheus_client forbids it in mostrecent mode
+        m.set(4)
+        got = {x.name: x.value for f in sp.ShmregCollector(None).collect() for x in f.samples}
+        assert got == {"one_c_total": 1.0, "one_sum": -1.5, "one_mr": 4.0}
+    finally:
+        sp.disable()
+    assert values.ValueClass is before and sp.enabled() is None

@@ -152,9 +152,10 @@ def _reset_after_fork() -> None:
 
 
 def _integral(amount: Any) -> Optional[int]:
-    """``amount`` as an exact int if it is integral (and exactly so), else None."""
+    """``amount`` as an int if it is integral and within +-2**53 (so the int
+    entry never overflows and its float conversion is exact), else None."""
     if isinstance(amount, int):
-        return int(amount)
+        return int(amount) if -_MAX_EXACT_INT <= amount <= _MAX_EXACT_INT else None
     amount = float(amount)
     if amount.is_integer() and -_MAX_EXACT_INT <= amount <= _MAX_EXACT_INT:
         return int(amount)
@@ -202,7 +203,8 @@ class _SharedValue:
                 _reset_after_fork()
             # Integral amounts (every count and bucket, most counters) take the
             # atomic int path; fractional ones (a histogram's _sum) the float entry.
-            n = amount if amount.__class__ is int else _integral(amount)
+            n = amount if (amount.__class__ is int and -_MAX_EXACT_INT <= amount <= _MAX_EXACT_INT
+                           ) else _integral(amount)
             if n is not None:
                 self._table.update_counter(self._ikey, n)
                 self._int += n
