@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -66,8 +67,17 @@ class Worker:
              "-c", str(CONCURRENCY), "--max-tasks-per-child", str(MAX_TASKS), "-l", "info",
              "--without-heartbeat", "--without-gossip", "--without-mingle", "-n", f"{self.prefix}@%h"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+        # kombu's filesystem transport creates a message file and then writes
+        # it; a consumer that lists the directory in between takes an empty
+        # message and the task is lost (seen under load).  The producer writes
+        # into a staging directory and send() renames each file into the
+        # queue: a rename is atomic.
+        self.queue = queue
+        self.staging = str(tmp_path / "staging")
+        os.makedirs(self.staging)
+        options = dict(_broker_options(queue), data_folder_out=self.staging)
         self.producer = celery.Celery("producer", broker="filesystem://")
-        self.producer.conf.update(broker_transport_options=_broker_options(queue), task_ignore_result=True)
+        self.producer.conf.update(broker_transport_options=options, task_ignore_result=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -95,7 +105,10 @@ class Worker:
         return {reg.pid for _key, reg in self.registry.items()}
 
     def send(self, name: str, *args) -> str:
-        return self.producer.send_task(f"tasks.{name}", args=args).id
+        task_id = self.producer.send_task(f"tasks.{name}", args=args).id
+        for f in sorted(os.listdir(self.staging)):
+            os.rename(os.path.join(self.staging, f), os.path.join(self.queue, f))
+        return task_id
 
     def results(self, ids) -> dict:
         return {i: self.state.get(f"result:{i}") for i in ids if f"result:{i}" in self.state}
@@ -176,6 +189,30 @@ def test_tasks_in_many_pool_processes_share_exact_counters_cache_and_dedup(worke
     assert _metric(worker, "example_busy", {}) == 0
 
 
+def _kill_and_wait_dead(pid: int) -> None:
+    """SIGKILL ``pid`` (not our child) and return once it has exited: kill()
+    returns before the kernel has torn the process down."""
+    if hasattr(os, "pidfd_open"):
+        fd = os.pidfd_open(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            assert poller.poll(30_000), f"pid {pid} did not exit"
+        finally:
+            os.close(fd)
+        return
+    os.kill(pid, signal.SIGKILL)
+
+    def dead():
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(dead, 30, f"pid {pid} to exit")
+
+
 @pytest.mark.timeout(120)
 def test_a_pool_process_sigkilled_mid_task_is_reaped(worker):
     before = worker.state.get("total", 0)
@@ -186,7 +223,7 @@ def test_a_pool_process_sigkilled_mid_task_is_reaped(worker):
     assert worker.state.owner(busy) == pid
     assert pid in worker.registered()
     assert _metric(worker, "example_busy", {}) == 1
-    os.kill(pid, signal.SIGKILL)
+    _kill_and_wait_dead(pid)
 
     # Its owned entries vanish from every read at once ...
     assert busy not in worker.state

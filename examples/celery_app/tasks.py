@@ -36,6 +36,28 @@ def broker_options(queue_dir: str) -> dict:
             "data_folder_processed": processed, "control_folder": control, "polling_interval": 0.05}
 
 
+def send(name: str, *args) -> str:
+    """Queue task ``name`` from a producer process; return its id.
+
+    kombu's filesystem transport creates a message file and then writes it,
+    so a worker listing the directory in between can take an empty message
+    (the task is lost).  Write into a staging directory, then rename into
+    the queue (atomic)."""
+    global _producer
+    staging = os.path.join(QUEUE_DIR, "staging")
+    if _producer is None:
+        os.makedirs(staging, exist_ok=True)
+        _producer = Celery("producer", broker="filesystem://")
+        _producer.conf.update(broker_transport_options=dict(broker_options(QUEUE_DIR),
+                                                            data_folder_out=staging),
+                              task_ignore_result=True)
+    task_id = _producer.send_task(f"tasks.{name}", args=args).id
+    for f in sorted(os.listdir(staging)):
+        os.rename(os.path.join(staging, f), os.path.join(QUEUE_DIR, f))
+    return task_id
+
+
+_producer = None
 app = Celery("tasks", broker="filesystem://")
 app.conf.update(broker_transport_options=broker_options(QUEUE_DIR), task_ignore_result=True,
                 worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True)
