@@ -326,3 +326,45 @@ def test_values_in_one_process_follow_prometheus_client(table_name):
     finally:
         sp.disable()
     assert values.ValueClass is before and sp.enabled() is None
+
+
+INFO_ENUM = """
+import sys
+import shmreg.prometheus
+shmreg.prometheus.enable(sys.argv[1])
+from prometheus_client import Enum, Info
+build = Info("build", "Build info.")
+state = Enum("task_state", "Task state.", ["queue"], states=["idle", "busy", "done"])
+never = Info("never", "Never set.")
+if sys.argv[2] == "first":
+    build.info({"version": "1.0"})
+    state.labels("q1").state("busy")
+    state.labels("q2").state("done")
+else:
+    build.info({"version": "1.1"})
+    state.labels("q1").state("done")
+    state.labels("q3")                 # created, never set: its first state
+"""
+
+
+def test_info_and_enum_show_the_latest_value_of_any_process(table_name):
+    from prometheus_client import Enum, Info
+
+    for which in ("first", "second"):
+        out = subprocess.run([sys.executable, "-c", INFO_ENUM, table_name, which], env=_env(),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    # What one process making the latest calls exports (prometheus_client's
+    # multiprocess mode exports no Info or Enum at all).
+    reg = CollectorRegistry()
+    Info("build", "Build info.", registry=reg).info({"version": "1.1"})
+    state = Enum("task_state", "Task state.", ["queue"], states=["idle", "busy", "done"], registry=reg)
+    state.labels("q1").state("done")
+    state.labels("q2").state("done")
+    state.labels("q3")
+    Info("never", "Never set.", registry=reg)
+    expected = generate_latest(reg).decode()
+    got = generate_latest(sp.make_registry(table_name)).decode()
+    assert _samples(got, {}) == _samples(expected, {})
+    assert sorted(l for l in got.splitlines() if l.startswith("#")) == \
+        sorted(l for l in expected.splitlines() if l.startswith("#"))

@@ -178,6 +178,8 @@ def test_counters_exact_and_gauge_modes_under_worker_churn_and_sigkill(server):
     for b in BUCKETS:
         assert samples[("app_latency_seconds_bucket", (("le", str(b)),))] == sum(1 for v in observed if v <= b)
     assert samples[("app_latency_seconds_bucket", (("le", "+Inf"),))] == N
+    # Info: exported (prometheus_client's multiprocess mode cannot).
+    assert samples[("app_build_info", (("version", "1.0"), ("worker_class", "sync")))] == 1.0
     # The SIGKILLed /hold request's worker no longer counts as in progress.
     assert samples[("app_in_progress", ())] == 0
 
@@ -210,11 +212,11 @@ def test_counters_exact_and_gauge_modes_under_worker_churn_and_sigkill(server):
         kinds[(kind, mode)] += 1
     all_mode = kinds.pop(("p", "all"), 0)
     assert all_mode == len(last)
-    shared = sum(n for (kind, _), n in kinds.items() if kind in ("i", "f", "d"))
+    shared = sum(n for (kind, _), n in kinds.items() if kind in ("i", "f", "d", "s"))
     per_process = sum(n for (kind, _), n in kinds.items() if kind in ("p", "m"))
     # counter x2 labels, 6 buckets + sum (int and float) + sum gauge,
-    # min/max/mostrecent dead entries
-    assert shared <= 2 + 6 + 2 + 1 + 3
+    # min/max/mostrecent dead entries, the Info
+    assert shared <= 2 + 6 + 2 + 1 + 3 + 1
     # 8 per-process gauges + in-progress + marker, per live worker
     assert per_process <= WORKERS * 10, kinds
     assert len(last) * 8 > WORKERS * 10    # without folding and reaping it would exceed that

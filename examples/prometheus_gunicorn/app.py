@@ -17,7 +17,7 @@ import os
 import time
 from urllib.parse import parse_qs
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import Counter, Gauge, Histogram, Info, make_wsgi_app
 
 import shmreg.prometheus
 
@@ -29,6 +29,9 @@ LATENCY = Histogram("app_latency_seconds", "Request latency.", buckets=(0.25, 0.
 IN_PROGRESS = Gauge("app_in_progress", "Requests in progress.", multiprocess_mode="livesum")
 LAST = {m: Gauge(f"app_last_{m}", f"Last request index ({m}).", ["app"], multiprocess_mode=m)
         for m in MODES}
+
+BUILD = Info("app_build", "Build of the app.")
+BUILD.info({"version": "1.0", "worker_class": "sync"})
 
 metrics_app = make_wsgi_app(shmreg.prometheus.make_registry())
 

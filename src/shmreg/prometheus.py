@@ -38,9 +38,11 @@ How the values are kept (the design, and why):
   folds that value into one per-series entry for the dead (min, max or
   latest: folding twice changes nothing) and deletes it.
 
-Info and Enum metrics do not go through prometheus_client's value class;
-as in prometheus_client's multiprocess mode they stay per process and are
-not part of the multiprocess scrape.
+* **Info and Enum** (which prometheus_client's multiprocess mode does not
+  export at all): one entry per series holding the latest ``info()`` /
+  ``state()`` of any process, written by wrappers :func:`enable` installs
+  on ``Info.info`` and ``Enum.state`` (prometheus_client has no value class
+  for them); ``disable()`` removes them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import os
 import secrets
 import struct
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Iterable, Optional, Union
@@ -82,6 +85,7 @@ _SHARED_FLOAT = "f"    # fractional part of a shared series (compare-and-swap)
 _PROCESS = "p"         # a gauge's value in one process
 _DEAD = "d"            # min/max/mostrecent of the dead incarnations of a series
 _MARKER = "m"          # owned: "this incarnation is alive"
+_LATEST = "s"          # Info / Enum: the latest info() / state() of any process
 
 _LIVE_MODES = frozenset(("liveall", "livemin", "livemax", "livesum", "livemostrecent"))
 _FOLDED_MODES = frozenset(("min", "max", "mostrecent"))
@@ -105,6 +109,7 @@ class _State:
         self.table: Optional[Table] = None
         self.values: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.previous_value_class: Any = None
+        self.patched: Optional[dict] = None      # the original Info/Enum methods
         self._new_incarnation()
 
     def _new_incarnation(self) -> None:
@@ -323,6 +328,86 @@ def ShmregValue(typ: str, metric_name: str, name: str, labelnames: Any, labelval
 ShmregValue._multiprocess = True  # type: ignore[attr-defined]
 
 
+# -- Info and Enum ---------------------------------------------------------------
+
+
+def _latest_key(metric: Any) -> str:
+    tail = _mmap_key(metric._name, metric._name, metric._labelnames, metric._labelvalues,
+                     metric._documentation)
+    return _SEP.join((_LATEST, metric._type, "", "", tail))
+
+
+def _write_latest(metric: Any, value: dict, initial: bool) -> None:
+    table = _state.table
+    if table is None:
+        return
+    if metric._type == "stateset":
+        value = {"states": list(metric._states), **value}
+    # JSON, not pickle: readers of the table need not trust its writers.
+    text = json.dumps({"time": 0.0 if initial else time.time(), **value}, sort_keys=True)
+    if initial:
+        table.insert_new(_latest_key(metric), text)   # never hides a value set earlier
+    else:
+        table.set(_latest_key(metric), text)
+
+
+def _patch_info_enum() -> None:
+    """Wrap ``Info``/``Enum`` so their values also go to the table."""
+    from prometheus_client.metrics import Enum, Info
+
+    if _state.patched is not None:
+        return
+    orig = {"info_init": Info._metric_init, "info": Info.info,
+            "enum_new": Enum.__init__, "state": Enum.state}
+
+    def info_metric_init(self: Any) -> None:
+        orig["info_init"](self)
+        _write_latest(self, {"info": {}}, True)
+
+    def info(self: Any, val: dict) -> None:
+        orig["info"](self, val)
+        _write_latest(self, {"info": dict(self._value)}, False)
+
+    def enum_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        orig["enum_new"](self, *args, **kwargs)
+        # Enum's _metric_init runs before __init__ stores the states: write
+        # the initial state (the first one) once they are known.
+        if self._is_observable():
+            _write_latest(self, {}, True)
+
+    def state(self: Any, state: str) -> None:
+        orig["state"](self, state)
+        _write_latest(self, {"state": self._states[self._value]}, False)
+
+    Info._metric_init, Info.info = info_metric_init, info
+    Enum.__init__, Enum.state = enum_init, state
+    _state.patched = orig
+
+
+def _unpatch_info_enum() -> None:
+    from prometheus_client.metrics import Enum, Info
+
+    orig = _state.patched
+    if orig is not None:
+        Info._metric_init, Info.info = orig["info_init"], orig["info"]
+        Enum.__init__, Enum.state = orig["enum_new"], orig["state"]
+        _state.patched = None
+
+
+def _latest_metric(typ: str, tail: str, text: str) -> Metric:
+    metric_name, _name, labels, help_text = json.loads(tail)
+    value = json.loads(text)
+    m = Metric(metric_name, help_text, typ)
+    if typ == "info":
+        m.add_sample(metric_name + "_info", {**labels, **value["info"]}, 1.0)
+    else:
+        states = value["states"]
+        current = value.get("state", states[0])
+        for st in states:
+            m.add_sample(metric_name, {**labels, metric_name: st}, 1 if st == current else 0)
+    return m
+
+
 def _existing_metrics() -> list:
     from prometheus_client.metrics import MetricWrapperBase
 
@@ -372,6 +457,7 @@ def enable(table: Union[str, Table, None] = None, *, capacity: Optional[int] = N
             _state.previous_value_class = _pc_values.ValueClass
         _state.table = t
         _pc_values.ValueClass = ShmregValue
+        _patch_info_enum()
     if export_env:
         os.environ[ENV_TABLE] = t.name
     return t
@@ -383,6 +469,7 @@ def disable() -> None:
     with _lock:
         if _pc_values.ValueClass is ShmregValue:
             _pc_values.ValueClass = _state.previous_value_class or _pc_values.get_value_class()
+        _unpatch_info_enum()
         _state.table = None
 
 
@@ -522,6 +609,7 @@ class ShmregCollector:
         shared: dict = {}
         folded_modes: list = []
         parsed: dict = {}
+        latest: list = []
 
         def metric_for(typ: str, tail: str) -> tuple:
             p = parsed.get(tail)
@@ -550,6 +638,8 @@ class ShmregCollector:
                     self._gauge_sample(metric_for(typ, tail), mode, proc, value)
             elif kind == _DEAD:
                 self._gauge_sample(metric_for(typ, tail), mode, "", value)
+            elif kind == _LATEST and isinstance(value, str):
+                latest.append((typ, tail, value))
         _fold_dead(t, folded_modes)
         # A value just folded is in this scrape through its own entry (the
         # dead entry it went into may have been read before the fold).
@@ -563,7 +653,17 @@ class ShmregCollector:
                 m.add_sample(name, labels, float(value))
         # The very merge prometheus_client applies to its files (pid labels,
         # gauge modes, cumulative buckets, _count): same input, same output.
-        return MultiProcessCollector._accumulate_metrics(metrics, True)
+        merged = list(MultiProcessCollector._accumulate_metrics(metrics, True))
+        # Info and Enum (absent from prometheus_client's multiprocess scrape):
+        # one labelled child's series per entry, merged per metric name.
+        by_name: dict = {}
+        for typ, tail, text in latest:
+            m = _latest_metric(typ, tail, text)
+            if m.name in by_name:
+                by_name[m.name].samples.extend(m.samples)
+            else:
+                by_name[m.name] = m
+        return merged + list(by_name.values())
 
     @staticmethod
     def _gauge_sample(mp: tuple, mode: str, proc: str, value: Any) -> None:
