@@ -1,8 +1,8 @@
 """prometheus_client's multiprocess mode with the values in one shmreg table.
 
 The application's metric objects stay prometheus_client's own (``Counter``,
-``Gauge``, ``Histogram``, ``Summary``); only where their numbers live
-changes: in one shared-memory table instead of one mmap file per metric type
+``Gauge``, ``Histogram``, ``Summary``, ``Info``, ``Enum``); only where their
+numbers live changes: in one shared-memory table instead of one mmap file per metric type
 per process id.  Switch it on once, before the first metric is created::
 
     import shmreg.prometheus
@@ -37,12 +37,11 @@ How the values are kept (the design, and why):
   :func:`mark_process_dead`) finds an incarnation whose marker is gone, it
   folds that value into one per-series entry for the dead (min, max or
   latest: folding twice changes nothing) and deletes it.
-
 * **Info and Enum** (which prometheus_client's multiprocess mode does not
   export at all): one entry per series holding the latest ``info()`` /
   ``state()`` of any process, written by wrappers :func:`enable` installs
-  on ``Info.info`` and ``Enum.state`` (prometheus_client has no value class
-  for them); ``disable()`` removes them.
+  on ``Info`` and ``Enum`` (prometheus_client has no value class for
+  them); :func:`disable` removes them.
 """
 
 from __future__ import annotations
