@@ -163,7 +163,7 @@ def _attach(kind: str, name: str, make: Any) -> Any:
     with _lock:
         obj = _objects.get((kind, name))
         if obj is None:
-            obj = _objects[(kind, name)] = make()
+            obj = _objects[(kind, name)] = make()  # noqa: SHM101 - per-process handles on shared tables
         return obj
 
 
@@ -275,7 +275,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         return
     for t in tables:
         try:
-            _watchers.append(Watcher(t, on_death=_post_mortem(t.name)).start())
+            _watchers.append(Watcher(t, on_death=_post_mortem(t.name)).start())  # noqa: SHM101 - this process's threads
         except Exception:
             _log.exception("shmreg: cannot start a watcher on %r", t.name)
 

@@ -338,17 +338,22 @@ def _cmd_reap(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    repaired: list = []
     with _open(args.name) as t:
         try:
-            t.check()
+            repaired = t.check(repair=args.repair)
         except shmreg.CorruptTableError as e:
             if args.json:
-                _print_json({"table": args.name, "ok": False, "error": str(e)})
+                _print_json({"table": args.name, "ok": False, "error": str(e),
+                             **({"repaired": repaired} if args.repair else {})})
             raise CliError(f"table {args.name!r} is corrupt: {e}", EXIT_CORRUPT) from None
         n, shards = len(t), t.nshards
     if args.json:
-        _print_json({"table": args.name, "ok": True, "entries": n, "shards": shards})
+        _print_json({"table": args.name, "ok": True, "entries": n, "shards": shards,
+                     **({"repaired": repaired} if args.repair else {})})
     else:
+        for what in repaired:
+            print(f"repaired: {what}: its lock had no live holder and was reinitialised")
         print(f"ok: table {args.name!r} passed every check ({n:,} entries, {shards} shards)")
     return EXIT_OK
 
@@ -557,6 +562,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from shmreg.lint import report
+
+    return report.run(args)
+
+
 # -- parser -------------------------------------------------------------------------------
 
 def _pid(s: str) -> int:
@@ -665,9 +676,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = _add(sub, "check", _cmd_check, "verify every invariant of a table",
-             "Verify every invariant of every shard (each under its lock).  "
-             "Exits 3 with the first broken invariant if the table is corrupt.")
+             "Verify every invariant of every shard (each under its lock) and every "
+             "lock word.  Exits 3 with the first broken invariant if the table is "
+             "corrupt.  A lock whose word names a thread that does not exist is "
+             "reported within about a second; --repair reinitialises such locks "
+             "(never one held by a live process, even a stopped one) and repairs "
+             "what they guarded.")
     p.add_argument("name", help="table name")
+    p.add_argument("--repair", action="store_true",
+                   help="reinitialise abandoned or invalid locks, then check")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = _add(sub, "flag", _cmd_flag, "show or flip feature flags (shmreg.recipes.Flags)",
@@ -731,6 +748,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chart", metavar="FILE.png", help="write a PNG chart (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    from shmreg.lint import report as lint_report
+    p = _add(sub, "lint", _cmd_lint, "find per-process state that diverges across prefork workers",
+             "Check Python sources (read with ast, nothing is imported) for module- and "
+             "class-level state that a function mutates at run time: each prefork worker "
+             "(gunicorn, uWSGI, Celery, multiprocessing) has its own copy, and they drift "
+             "apart silently.  Each finding names the shmreg replacement.  Settings come "
+             "from [tool.shmreg.lint] in the nearest pyproject.toml.  Exit codes: 0 clean, "
+             "1 findings, 2 usage error.  --list-rules shows the rules.")
+    lint_report.add_arguments(p)
     return ap
 
 

@@ -215,7 +215,7 @@ def _attach(kind: str, name: str, make: Any) -> Any:
     with _lock:
         obj = _objects.get((kind, name))
         if obj is None or _closed(obj):
-            obj = _objects[(kind, name)] = make()
+            obj = _objects[(kind, name)] = make()  # noqa: SHM101 - per-process handles on shared tables
         return obj
 
 

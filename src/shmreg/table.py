@@ -47,8 +47,10 @@ class Table(_core.CoreTable):
     ignored when an existing table is opened.
 
     Keys are ``str``, ``bytes`` or ``int`` (the type is part of the key:
-    ``1`` and ``"1"`` differ).  Values are ``bytes``, ``str``, ``int``,
-    ``float``, ``bool``, ``None`` natively and anything picklable through
+    ``1`` and ``"1"`` differ; a subclass counts as its base type, as in a
+    dict: ``True`` is the key ``1``, and keys read back as the base type).
+    Values are ``bytes``, ``str``, ``int``, ``float``, ``bool``, ``None``
+    natively and anything picklable through
     pickle; they read back equal and of the same type.
 
     Concurrency: single-key operations are atomic and isolated in every
@@ -123,7 +125,7 @@ class Table(_core.CoreTable):
 
     def unlink(self) -> None:
         """Remove the table's name; attached processes keep working until they close."""
-        _segment.unlink(self.name)
+        unlink(self.name)
 
     def __enter__(self) -> "Table":
         return self
@@ -322,20 +324,38 @@ class Table(_core.CoreTable):
             "layout": h["layout"],
         }
 
-    def check(self) -> None:
+    def check(self, *, repair: bool = False) -> list | None:
         """Verify every invariant of every shard (each under its lock): index
-        <-> items, allocator accounting and free lists, counts, no odd seq
-        without a lock holder.  :raises CorruptTableError: naming the first
-        broken invariant."""
+        <-> items, allocator accounting and free lists, every derived count,
+        no odd seq without a lock holder, and every lock word sane.
+
+        A lock word that names a thread which does not exist (or is not a
+        valid robust mutex) is corruption: reported within about a second,
+        never waited on forever.  With ``repair=True`` such locks are first
+        reinitialised and what they guarded repaired (a lock held by a live
+        thread, even a stopped one, is never touched); the names of the
+        repaired locks are returned (None without ``repair``).
+
+        :raises CorruptTableError: naming the first broken invariant.
+        """
+        repaired = self._repair_locks() if repair else []
+        problems = self._lock_problems()
+        if problems:
+            raise CorruptTableError(problems[0] + "; `shmreg check --repair` "
+                                    "(Table.check(repair=True)) reinitialises it")
         for si in range(self.nshards):
             msg = self._check_shard(si)
             if msg:
                 raise CorruptTableError(msg)
+        return repaired if repair else None
 
 
 def unlink(name: str) -> None:
     """Remove table ``name`` (see :meth:`Table.unlink`)."""
     _segment.unlink(name)
+    # A closed table kept mapped only for this process's liveness lock can
+    # go now that nobody new can attach.
+    _core._release_unlinked()
 
 
 def list_tables() -> list:

@@ -175,20 +175,32 @@ class Watcher:
         self.stop()
 
     def run_forever(self) -> None:
-        """Wait for the lease (as a standby), then watch until :meth:`stop`."""
-        while not self._stop.is_set():
-            if self.table._lease(250):
-                break
-        else:
-            return
+        """Wait for the lease (as a standby), then watch until :meth:`stop`
+        (or until the table is closed under it: then it stops quietly and
+        hands the lease on)."""
+        try:
+            while not self._stop.is_set():
+                if self.table._lease(250):
+                    break
+            else:
+                return
+        except ValueError:
+            if self.table.closed:
+                return   # closed while standing by
+            raise
         self._active.set()
         self._poller = _Poller()
         try:
             self._loop()
+        except ValueError:
+            if not self.table.closed:
+                raise
+            log.info("table %r was closed: watcher stops", self.table.name)
         finally:
             self._active.clear()
             self._poller.close()
             self._poller = None
+            # Works on a closed table: the held lease keeps the mapping.
             self.table._unlease()
 
     # -- work --------------------------------------------------------------------
