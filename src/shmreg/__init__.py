@@ -18,15 +18,21 @@ from shmreg.errors import (
     TableExistsError,
     TableFullError,
     TableNotFoundError,
+    UntrustedTableError,
     ValueTooLargeError,
 )
 from shmreg.registry import Registration, Registry
 from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, unlink
+from shmreg.trust import Trust
 from shmreg.watcher import Watcher
 
 #: Sentinel for "no default given" (``pop``/``take``); ``get(k, MISSING)``
 #: returns it for an absent key.
 MISSING = _core.MISSING
+
+#: A pickled value handed back unpickled (opaque ``bytes``) because others can
+#: write the table (see :class:`Trust`); ``pickle.loads`` it if you trust it.
+PickledValue = _core.PickledValue
 
 __version__ = "0.1.0"
 
@@ -36,6 +42,8 @@ __all__ = [
     "Registration",
     "Watcher",
     "Cache",
+    "Trust",
+    "PickledValue",
     "unlink",
     "list_tables",
     "MISSING",
@@ -49,4 +57,5 @@ __all__ = [
     "CorruptTableError",
     "NoSpaceError",
     "AlreadyRegisteredError",
+    "UntrustedTableError",
 ]

@@ -24,6 +24,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
 from libc.errno cimport errno
+from libc.math cimport INFINITY
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_FromLongLong
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
@@ -176,9 +177,7 @@ cdef class CoreTable:
     cdef shm_view_t *v
     cdef bint is_closed
     cdef bint lease_held
-    #: False: pickled values come back as opaque :class:`PickledValue` bytes
-    #: (the writers of this table are not trusted to run code here).
-    cdef public bint allow_pickle
+    cdef bint unpickle_ok
     #: Live entries the last write of this handle evicted.
     cdef public long _last_evicted
     # Owner id of the entry the last successful lookup hit (GIL-protected).
@@ -196,7 +195,7 @@ cdef class CoreTable:
         self.m = None
         self.v = NULL
         self.is_closed = True
-        self.allow_pickle = True
+        self.unpickle_ok = True
         self.pid_obj_owner = <uint32_t *>malloc(SHM_NPROCS * sizeof(uint32_t))
         if self.pid_obj_owner == NULL:
             raise MemoryError()
@@ -273,6 +272,18 @@ cdef class CoreTable:
         """True once ``close()`` was called."""
         return self.is_closed
 
+    @property
+    def allow_pickle(self):
+        """Whether pickled values are unpickled when read.  False: they come
+        back as opaque :class:`PickledValue` bytes, because unpickling would
+        run code chosen by writers this process does not trust (set by the
+        trust checks when the table is opened; see ``shmreg.Trust``)."""
+        return self.unpickle_ok
+
+    @allow_pickle.setter
+    def allow_pickle(self, bint value):
+        self.unpickle_ok = value
+
     cdef inline int enter(self) except -1:
         """Pin the mapping for one operation."""
         if self.is_closed:
@@ -294,11 +305,16 @@ cdef class CoreTable:
         return <uint64_t>(self._clock() * 1e9)
 
     cdef inline uint64_t expires_at(self, object ttl, uint64_t now) except? 0:
+        # None and inf: never expires.
         if ttl is None:
             return 0
+        if ttl is True or ttl is False:
+            raise TypeError("ttl must be a number of seconds, not a bool")
         cdef double t = ttl
+        if t == INFINITY:
+            return 0
         if not (t > 0) or t > 1e11:
-            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+            raise ValueError(f"ttl must be a positive number of seconds (or None/inf: never), not {ttl!r}")
         return now + <uint64_t>(t * 1e9)
 
     cdef int raise_lock(self, int st, int which) except -1:
@@ -391,7 +407,8 @@ cdef class CoreTable:
     def set(self, key, value, *, ttl=None, owned=False):
         """Store ``value`` under ``key``, replacing any previous value.
 
-        :param ttl: seconds until the entry expires (``None``: never).
+        :param ttl: seconds until the entry expires (``None`` or ``inf``:
+            never).  :raises ValueError: ``ttl`` is nan, zero or negative.
         :param owned: tie the entry to this process: it vanishes when the
             process dies, however it dies.
         :raises TableFullError: no room left.
@@ -405,6 +422,7 @@ cdef class CoreTable:
 
     def insert_new(self, key, value, *, ttl=None, owned=False):
         """Store ``value`` only if ``key`` is absent (or expired); ETS ``insert_new``.
+        ``ttl`` and ``owned`` as for :meth:`set`.
 
         Exactly one of any number of concurrent callers, in any process, gets
         ``True``.
@@ -428,7 +446,7 @@ cdef class CoreTable:
         try:
             if self.store(key, default, None, SHM_PUT_NEW, NULL, &old) == SHM_OK:
                 return default
-            return parse_records(&old, 2, self.allow_pickle)[0]
+            return parse_records(&old, 2, self.unpickle_ok)[0]
         finally:
             shm_recbuf_free(&old)
 
@@ -493,7 +511,7 @@ cdef class CoreTable:
         recbuf_init(&out)
         try:
             if self.remove(key, &out) == SHM_OK:
-                return parse_records(&out, 2, self.allow_pickle)[0]
+                return parse_records(&out, 2, self.unpickle_ok)[0]
         finally:
             shm_recbuf_free(&out)
         if default is _MISSING:
@@ -504,8 +522,9 @@ cdef class CoreTable:
         """Atomically add ``incr`` to the int stored under ``key`` and return the
         new value; an absent (or expired) key starts from ``default``.
 
-        Exact under any number of processes.  ``ttl`` applies when the entry is
-        created.  :raises TypeError: the stored value is not an int.
+        Exact under any number of processes.  ``ttl`` (``None``/``inf``:
+        never expires) applies when the entry is created.
+        :raises TypeError: the stored value is not an int.
         :raises OverflowError: the result does not fit in 64 bits.
 
         >>> t.update_counter("hits")
@@ -547,8 +566,8 @@ cdef class CoreTable:
             self.leave()
 
     def expire(self, key, ttl):
-        """Give ``key`` a new ``ttl`` in seconds (``None``: never expire).
-        Returns False if the key is absent or already expired."""
+        """Give ``key`` a new ``ttl`` in seconds (``None`` or ``inf``: never
+        expire).  Returns False if the key is absent or already expired."""
         cdef KeyRef k
         cdef uint64_t now, exp
         cdef uint32_t si
@@ -695,7 +714,7 @@ cdef class CoreTable:
                 if want == 3:
                     return (vtype, val)
                 if vtype == SHM_VT_PICKLE:
-                    val = unpickle(val) if self.allow_pickle else PickledValue(val)
+                    val = unpickle(val) if self.unpickle_ok else PickledValue(val)
                 if want == 4:
                     return (val, own)
                 if want == 5:
@@ -760,9 +779,9 @@ cdef class CoreTable:
             if want == 2:
                 return -1 if exp == 0 else <int64_t>(exp - now)
             if want == 4 or want == 5:
-                rec = parse_records(&rb, 4, self.allow_pickle)[0]
+                rec = parse_records(&rb, 4, self.unpickle_ok)[0]
                 return (rec[1], rec[3]) if want == 4 else (rec[1], rec[2])
-            return parse_records(&rb, 2, self.allow_pickle)[0]
+            return parse_records(&rb, 2, self.unpickle_ok)[0]
         finally:
             shm_recbuf_free(&rb)
 
@@ -817,6 +836,13 @@ cdef class CoreTable:
         if not self.lookup(key, None, 1):
             return None
         return self.owner_pid_of_last()
+
+    def _owner_of(self, key):
+        """Owner id of the live entry ``key`` (0: not owned), without
+        decoding its value; KeyError if absent (or its owner is dead)."""
+        if not self.lookup(key, None, 1):
+            raise KeyError(key)
+        return self.last_owner
 
     def _get_owned(self, key, default=None):
         """``(value, owner id)`` of ``key`` (owner 0: not owned), or ``default``."""
@@ -964,7 +990,7 @@ cdef class CoreTable:
                 shm_shard_unlock(self.v, si)
                 if st == SHM_NOMEM:
                     raise MemoryError()
-            return n, (parse_records(&b, 4, self.allow_pickle) if collect else None)
+            return n, (parse_records(&b, 4, self.unpickle_ok) if collect else None)
         finally:
             shm_recbuf_free(&b)
             self.leave()
@@ -1078,7 +1104,7 @@ cdef class CoreTable:
             if si >= self.v.nsh:
                 raise IndexError(si)
             self.snap_shard(si, self.now(), &b, pp, &count)
-            return parse_records(&b, what, self.allow_pickle)
+            return parse_records(&b, what, self.unpickle_ok)
         finally:
             shm_recbuf_free(&b)
             self.leave()

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from shmreg._core import MISSING
 from shmreg.errors import TableNotFoundError
 from shmreg.table import Table
+from shmreg.trust import Trust
 
 __all__ = ["Cache"]
 
@@ -33,10 +34,18 @@ class Cache(MutableMapping):
     """A TTL cache in shared memory with eviction and cross-process single flight.
 
     :param name: table name (opened, or created if missing).
-    :param ttl: default time to live in seconds for ``set`` (``None``: entries
-        never expire unless a ``ttl`` is given).
+    :param ttl: default time to live in seconds for ``set`` (``None`` or
+        ``inf``: entries never expire unless a ``ttl`` is given).  Every
+        method's ``ttl`` takes seconds, ``inf`` for "never expires" (as in
+        :class:`~shmreg.Table`), or ``None`` for the cache's default;
+        ``0``, negatives and ``nan`` raise ``ValueError``.
     :param capacity: entries the table is sized for (when it creates it).
     :param memory: bytes for keys and values (when it creates it).
+    :param mode: file mode when it creates its tables, the sharing accepted
+        when it opens them (default ``0o600``); see :class:`~shmreg.Table`.
+    :param trust: other users and groups whose tables it accepts
+        (:class:`~shmreg.Trust`; default none).  Applies to the cache's
+        single-flight table too.
     :param clock: for tests: monotonic seconds, instead of CLOCK_MONOTONIC.
 
     >>> cache = Cache("doc-cache", ttl=60)
@@ -48,9 +57,11 @@ class Cache(MutableMapping):
     """
 
     def __init__(self, name: str, *, ttl: float | None = 300.0, capacity: int | None = None,
-                 memory: int | None = None, clock: Callable[[], float] | None = None) -> None:
+                 memory: int | None = None, mode: int = 0o600, trust: Trust | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.default_ttl = self._check_ttl(ttl)
-        self.table = Table(name, capacity=capacity, memory=memory, clock=clock, _clock_bits=True)
+        self.table = Table(name, capacity=capacity, memory=memory, mode=mode, trust=trust,
+                           clock=clock, _clock_bits=True)
         self._clock = clock
         self._flights: Table | None = None
         # Hits and misses are the table's per-process read counters (exact
@@ -88,7 +99,8 @@ class Cache(MutableMapping):
         """Remove the cache (and its single-flight table) from the host."""
         self.table.unlink()
         try:
-            with Table.open(self._flights_name()) as flights:
+            with Table.open(self._flights_name(), mode=self.table.mode,
+                            trust=self.table.trust) as flights:
                 flights.unlink()
         except TableNotFoundError:
             pass
@@ -237,7 +249,8 @@ class Cache(MutableMapping):
         # evicted by cache pressure (two workers would then compute).
         if self._flights is None:
             cap = max(4096, min(self.table.capacity, 1 << 16))
-            self._flights = Table(self._flights_name(), capacity=cap, memory=max(4 << 20, 128 * cap))
+            self._flights = Table(self._flights_name(), capacity=cap, memory=max(4 << 20, 128 * cap),
+                                  mode=self.table.mode, trust=self.table.trust)
         return self._flights
 
     def get_or_set(self, key: Any, factory: Callable[[], Any], *, ttl: float | None = None,

@@ -69,6 +69,7 @@ from shmreg.cache import Cache
 from shmreg.errors import AlreadyRegisteredError, TableNotFoundError
 from shmreg.registry import Registry
 from shmreg.table import Table
+from shmreg.trust import Trust
 
 # Exactly the names gunicorn looks up as settings: a star import installs them.
 __all__ = ["on_starting", "post_fork", "child_exit", "on_exit"]
@@ -78,12 +79,14 @@ _log = logging.getLogger("shmreg.gunicorn")
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A plain :class:`shmreg.Table` (geometry used when it is created)."""
+    """A plain :class:`shmreg.Table` (geometry used when it is created;
+    ``mode`` and ``trust`` as for :class:`shmreg.Table`)."""
 
     capacity: int | None = None
     memory: int | None = None
     shards: int | None = None
     mode: int = 0o600
+    trust: Trust | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class CacheSpec:
     ttl: float | None = 300.0
     capacity: int | None = None
     memory: int | None = None
+    mode: int = 0o600
+    trust: Trust | None = None
 
 
 Spec = Union[TableSpec, CacheSpec]
@@ -106,6 +111,8 @@ class Settings:
     registry: str | None = "workers"
     registry_capacity: int | None = None
     temporary: bool = False
+    registry_mode: int = 0o600
+    registry_trust: Trust | None = None
 
 
 _configured: Settings | None = None
@@ -125,7 +132,8 @@ def _spec(name: str, spec: Any) -> Spec:
 
 
 def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str | None = "workers",
-              registry_capacity: int | None = None, temporary: bool = False) -> Settings:
+              registry_capacity: int | None = None, temporary: bool = False,
+              registry_mode: int = 0o600, registry_trust: Trust | None = None) -> Settings:
     """Set what the hooks manage; call it in ``gunicorn.conf.py``.
 
     :param tables: ``{name: TableSpec(...) | CacheSpec(...) | "table" |
@@ -135,6 +143,9 @@ def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str |
     :param registry_capacity: registrations it is sized for (default: the
         table default).
     :param temporary: unlink every table when the arbiter exits.
+    :param registry_mode: ``mode`` of the registry table (see :class:`shmreg.Table`).
+    :param registry_trust: :class:`shmreg.Trust` for the registry table
+        (tables and caches take theirs in their spec).
     :raises ValueError, TypeError: an invalid name or spec (at config load,
         so gunicorn refuses to start instead of failing later).
     """
@@ -147,7 +158,8 @@ def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str |
         _segment.check_name(registry)
         if registry in specs:
             raise ValueError(f"{registry!r} is both the registry and a configured table")
-    _configured = Settings(specs, registry, registry_capacity, bool(temporary))
+    _configured = Settings(specs, registry, registry_capacity, bool(temporary),
+                           registry_mode, registry_trust)
     return _configured
 
 
@@ -223,7 +235,8 @@ def _make_table(name: str) -> Table:
     spec = settings().tables.get(name)
     if spec is None:
         return Table(name)
-    return Table(name, capacity=spec.capacity, memory=spec.memory, shards=spec.shards, mode=spec.mode)
+    return Table(name, capacity=spec.capacity, memory=spec.memory, shards=spec.shards, mode=spec.mode,
+                 trust=spec.trust)
 
 
 def table(name: str) -> Table:
@@ -244,7 +257,8 @@ def _make_cache(name: str) -> Cache:
         return Cache(name)
     if isinstance(spec, TableSpec):
         raise ValueError(f"{name!r} is configured as a table, not a cache")
-    return Cache(name, ttl=spec.ttl, capacity=spec.capacity, memory=spec.memory)
+    return Cache(name, ttl=spec.ttl, capacity=spec.capacity, memory=spec.memory, mode=spec.mode,
+                 trust=spec.trust)
 
 
 def cache(name: str) -> Cache:
@@ -267,7 +281,8 @@ def registry() -> Registry:
     s = settings()
     if s.registry is None:
         raise RuntimeError("no registry configured (configure(registry=None))")
-    return _attach("registry", s.registry, lambda: Registry(s.registry, capacity=s.registry_capacity))
+    return _attach("registry", s.registry, lambda: Registry(
+        s.registry, capacity=s.registry_capacity, mode=s.registry_mode, trust=s.registry_trust))
 
 
 def worker_key(pid: int | None = None) -> str:

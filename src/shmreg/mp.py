@@ -23,11 +23,13 @@ called :func:`attach`.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any
 
 from shmreg.table import Table
+from shmreg.trust import Trust
 
 __all__ = ["attach", "table", "detach", "pool_kwargs"]
 
@@ -35,11 +37,14 @@ _lock = threading.Lock()
 _name: str | None = None
 _table: Table | None = None
 _pid: int | None = None
+_options: dict[str, Any] = {}
 
 
-def attach(name: str) -> Table:
+def attach(name: str, *, mode: int = 0o600, trust: Trust | None = None) -> Table:
     """Attach this process to the existing table ``name`` (a ``Pool``
     initializer: ``Pool(initializer=shmreg.mp.attach, initargs=(name,))``).
+    ``mode`` and ``trust``: as for :meth:`Table.open` (a table shared with
+    other users; :func:`pool_kwargs` passes them on).
 
     Opens, never creates: a worker must not create a table of its own under a
     typo'd name.  Calling it again with the same name returns the same table.
@@ -48,15 +53,15 @@ def attach(name: str) -> Table:
     >>> shmreg.mp.attach("jobs").name
     'jobs'
     """
-    global _name, _table, _pid
+    global _name, _table, _pid, _options
     pid = os.getpid()
     with _lock:
         if _table is not None and _pid == pid and _name == name and not _table.closed:
             return _table  # idempotent
-    t = Table.open(name)
+    t = Table.open(name, mode=mode, trust=trust)
     with _lock:
         # A previous table is not closed: code of this process may still use it.
-        _name, _table, _pid = name, t, pid
+        _name, _table, _pid, _options = name, t, pid, {"mode": mode, "trust": trust}
     return t
 
 
@@ -78,9 +83,9 @@ def table() -> Table:
             raise RuntimeError("no shmreg table attached in this process: start the pool with "
                                "Pool(initializer=shmreg.mp.attach, initargs=(name,)) "
                                "or call shmreg.mp.attach(name) first")
-        name = _name
+        name, options = _name, _options
     if _pid != os.getpid():
-        return attach(name)
+        return attach(name, **options)
     return _table  # type: ignore[return-value]
 
 
@@ -94,11 +99,14 @@ def detach() -> None:
         old.close()
 
 
-def pool_kwargs(name: str) -> dict[str, Any]:
+def pool_kwargs(name: str, *, mode: int = 0o600, trust: Trust | None = None) -> dict[str, Any]:
     """``initializer``/``initargs`` for ``Pool(**pool_kwargs(name))`` or
-    ``ProcessPoolExecutor(**pool_kwargs(name))``.
+    ``ProcessPoolExecutor(**pool_kwargs(name))``; ``mode`` and ``trust`` go
+    to :func:`attach`.
 
     >>> pool = multiprocessing.Pool(4, **shmreg.mp.pool_kwargs("jobs"))
     """
-    return {"initializer": attach, "initargs": (name,)}
+    if mode == 0o600 and trust is None:
+        return {"initializer": attach, "initargs": (name,)}
+    return {"initializer": functools.partial(attach, mode=mode, trust=trust), "initargs": (name,)}
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from shmreg import _proc
 from shmreg.table import Table
+from shmreg.trust import Trust
 
 __all__ = ["Watcher"]
 
@@ -119,16 +120,22 @@ class Watcher:
     :param interval: seconds between sweeps (liveness check of every owner,
         purge of expired entries).  Deaths are noticed between sweeps too,
         as they happen.
+    :param mode: with a name: the sharing accepted (see :meth:`Table.open`).
+    :param trust: with a name: other users and groups whose table is
+        accepted (:class:`~shmreg.Trust`).  ``on_death`` then gets their
+        pickled values as opaque :class:`~shmreg.PickledValue` unless
+        ``Trust(unpickle=True)``.
 
     >>> with Watcher("jobs"):          # active (or standby) in a daemon thread
     ...     run_the_app()
     """
 
     def __init__(self, table_or_name: Table | str, *, on_death: OnDeath | None = log_death,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, mode: int = 0o600, trust: Trust | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
-        self.table = table_or_name if isinstance(table_or_name, Table) else Table.open(table_or_name)
+        self.table = table_or_name if isinstance(table_or_name, Table) else \
+            Table.open(table_or_name, mode=mode, trust=trust)
         self.on_death = on_death
         self.interval = interval
         self.reaped_processes = 0
