@@ -42,6 +42,8 @@ MODULES = [
     "shmreg.recipes",
     "shmreg.gunicorn",
     "shmreg.mp",
+    "shmreg.prometheus",
+    "shmreg.celery",
     "shmreg.testing",
     "shmreg.django",
     "shmreg.cachelib",
