@@ -204,14 +204,19 @@ void shm_shard_unlock(shm_view_t *v, uint32_t si) {
 }
 
 int shm_lock_state(const pthread_mutex_t *m, uint32_t *holder) {
-    uint32_t tid;
+    uint32_t tid, w;
     *holder = 0;
     if (!shm_mutex_kind_ok(m)) return SHM_BADLOCK;
     if (!shm_have_alive_word()) return 0;
+    w = __atomic_load_n((const uint32_t *)m, __ATOMIC_ACQUIRE);
     tid = shm_mutex_holder(m);
     *holder = tid;
     if (tid == 0 || !shm_mutex_held_by_live(m)) return 0;   /* free, or OWNER_DIED: the next locker repairs */
-    return shm_thread_exists(tid) ? 0 : SHM_ABANDONED;
+    if (shm_thread_exists(tid)) return 0;
+    /* The holder may have died (or unlocked) just now: the kernel marks a
+     * dead holder's word before its /proc entry goes, so only a word that
+     * did not change meanwhile names a thread that never will. */
+    return __atomic_load_n((const uint32_t *)m, __ATOMIC_ACQUIRE) == w ? SHM_ABANDONED : 0;
 }
 
 int shm_repair_lock(shm_view_t *v, int which) {
