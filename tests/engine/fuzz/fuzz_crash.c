@@ -75,6 +75,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         th_leaks_off();
         died = exec_may_die(&s, &o, &st, &res, &rb);
         th_leaks_on();
+        fz_trace(&s, &o, died ? 99 : st, res);
         if (died) {
             armed = 0;
             free(rb.data);

@@ -263,6 +263,17 @@ static void fz_exec(fz_state_t *s, const fz_op_t *o, int *st, long long *res, sh
     }
 }
 
+/* FZ_TRACE=1 in the environment: print each op (to read a failing input). */
+static void fz_trace(const fz_state_t *s, const fz_op_t *o, int st, long long res) {
+    static int on = -1;
+    if (on < 0) on = getenv("FZ_TRACE") != NULL;
+    if (!on) return;
+    fprintf(stderr, "op %d key %u shard %u mode %d evict %d flag %d: st %d res %lld | val n=%u vt=%d exp=%llu owner=%x"
+            " | now %llu expires %llu owner %x incr %lld | evicted %ld\n", o->op, o->key, o->shard, o->mode, o->evict,
+            o->flag, st, res, o->val.n, o->val.vtype, (unsigned long long)o->val.expires, o->val.owner,
+            (unsigned long long)s->m.now, (unsigned long long)o->expires, o->owner, o->incr, s->t.v.last_evicted);
+}
+
 static int fz_is_int8(const fz_ent_t *e) { return e->vtype == SHM_VT_INT && e->n == 8; }
 
 /* Apply o's effect to model m given the engine's status st; check what can
@@ -291,7 +302,7 @@ static int64_t fz_apply(fz_state_t *s, fz_model_t *m, const fz_op_t *o, int st, 
             e->vtype = o->val.vtype;
             e->n = o->val.n;
             memcpy(e->v, o->val.v, o->val.n);
-            return -1;
+            return o->evict ? (int64_t)o->shard : -1;    /* a swap allocates: it may evict */
         }
         if (strict && st != SHM_OK) FZ_FAIL("put: %d", st);
         *e = o->val;

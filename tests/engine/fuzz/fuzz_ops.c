@@ -21,6 +21,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         fz_decode(&s, &in, &o);
         s.t.v.last_evicted = 0;
         fz_exec(&s, &o, &st, &res, &rb);
+        fz_trace(&s, &o, st, res);
         if (st == SHM_CORRUPT || st == SHM_NOMEM) FZ_FAIL("op %d: status %d on a healthy table", o.op, st);
         es = fz_apply(&s, &s.m, &o, st, res, &rb, 1);
         budget = s.t.v.last_evicted;
