@@ -88,12 +88,22 @@ def build(out: Path, cc: str = "cc", fuzzers: bool = False, clang: str = "clang"
                       str(HERE / "fuzz" / "replay_main.c"), *map(str, objs), "-lpthread", "-lm"])
         targets[f"replay_{name}"] = exe
     if fuzzers:
-        fflags = WARN + ["-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all",
-                         "-fno-omit-frame-pointer"] + OPT + inc
+        # The engine is compiled once with coverage instrumentation, then
+        # linked into each target with libFuzzer's main().
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        fobjs = []
+        fcompiles = []
+        for src in engine_sources():
+            obj = objdir / (src.stem + ".fuzz.o")
+            fobjs.append(obj)
+            fcompiles.append([clang, *WARN, *san, "-fsanitize=fuzzer-no-link", *OPT, *inc,
+                              "-c", str(src), "-o", str(obj)])
+        with concurrent.futures.ThreadPoolExecutor(jobs) as ex:
+            list(ex.map(_run, fcompiles))
         for name in FUZZ_TARGETS:
             exe = out / f"fuzz_{name}"
-            links.append([clang, *fflags, "-o", str(exe), str(HERE / "fuzz" / f"fuzz_{name}.c"),
-                          *map(str, engine_sources()), "-lpthread", "-lm"])
+            links.append([clang, *WARN, *san, "-fsanitize=fuzzer", *OPT, *inc, "-o", str(exe),
+                          str(HERE / "fuzz" / f"fuzz_{name}.c"), *map(str, fobjs), "-lpthread", "-lm"])
             targets[f"fuzz_{name}"] = exe
     with concurrent.futures.ThreadPoolExecutor(jobs) as ex:
         list(ex.map(_run, links))
