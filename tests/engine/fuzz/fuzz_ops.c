@@ -12,7 +12,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static fz_op_t o;
     fz_in_t in = { data, size, 0 };
     if (fz_open(&s, &in) < 0) return 0;
-    for (int n = 0; in.i < in.n && n < 1000; n++) {
+    for (int n = 0; in.i < in.n && n < 400; n++) {
         shm_recbuf_t rb = { 0 };
         int st = 0;
         long long res = 0;

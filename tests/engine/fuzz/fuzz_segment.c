@@ -78,6 +78,16 @@ static void patch(th_table_t *t, in_t *in) {
     for (size_t j = 0; j < len && off + j < room; j++) at[off + j] = (char)u8(in);
 }
 
+static void stay_clean(const shm_view_t *v, uint32_t si, const char *what) {
+    shm_check_t e;
+    shm_check_shard(v, si, &e);
+    if (e.code) {
+        th_report_check(what, si, &e);
+        fprintf(stderr, "a shard that passed check failed it after a %s\n", what);
+        abort();
+    }
+}
+
 static void exercise(th_table_t *t, shm_view_t *v, uint8_t how) {
     for (uint32_t si = 0; si < v->nsh; si++) {
         shm_recbuf_t rb = { 0 };
@@ -85,9 +95,12 @@ static void exercise(th_table_t *t, shm_view_t *v, uint8_t how) {
         size_t count;
         long n = 0;
         long long res;
-        int st = shm_shard_lock(v, si, 1);
+        int st = shm_shard_lock(v, si, 1), clean;
         if (st != SHM_OK) continue;
         shm_check_shard(v, si, &e);
+        /* A shard the checker passes is a valid shard, however it was made:
+         * every write must keep it passing. */
+        clean = e.code == 0;
         (void)shm_snap_shard(v, si, 1000, NULL, NULL, &count);
         (void)shm_snap_shard(v, si, 1000, &rb, NULL, &count);
         for (unsigned i = 0; i < NK; i++) {
@@ -108,9 +121,12 @@ static void exercise(th_table_t *t, shm_view_t *v, uint8_t how) {
             case 4: (void)shm_set_expiry(v, si, &k, 3000, 1000); break;
             default: (void)shm_put(v, si, &k, &sv, 0, 0, SHM_PUT_CAS, 1000, &sv, NULL); break;
             }
+            if (clean) stay_clean(v, si, "write");
         }
         (void)shm_purge_shard(v, si, 1500, -1, 1);
+        if (clean) stay_clean(v, si, "purge");
         (void)shm_reap_shard(v, si, 0, &rb, 1, &n);
+        if (clean) stay_clean(v, si, "reap");
         shm_check_shard(v, si, &e);
         if (shm_repair_shard(v, si) == 0) {
             /* A repair that succeeds leaves a shard that passes check?  Not
