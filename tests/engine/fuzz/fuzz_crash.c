@@ -86,10 +86,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         es = fz_apply(&s, &s.m, &o, st, res, &rb, 1);
         budget = s.t.v.last_evicted;
         shm_recbuf_free(&rb);
-        fz_verify(&s, es, &budget, "crash");
+        fz_verify(&s, o.shard, n % 16 == 15 || in.i >= in.n, es, &budget, "crash");
     }
     shm_crash_arm(-1, 0, 0);
     shm_crash_set_handler(NULL);
+    {
+        long none = 0;
+        fz_verify(&s, 0, 1, -1, &none, "end");
+    }
     th_close(&s.t);
     return 0;
 }

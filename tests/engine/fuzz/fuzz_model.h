@@ -107,13 +107,16 @@ static int fz_same(const fz_ent_t *a, const fz_ent_t *b) {
         && memcmp(a->v, b->v, a->n) == 0;
 }
 
-/* Every shard passes check, and every key reads as the model says.  Keys
- * of shard evict_shard may have been evicted (at most *budget of them; -1:
- * any number), which the model then forgets. */
-static void fz_verify(fz_state_t *s, int64_t evict_shard, long *budget, const char *what) {
+/* The shard an op wrote passes check (every shard when all is set: the
+ * callers do that every few ops and at the end, which catches a write that
+ * strayed into another shard), and every key reads as the model says.
+ * Keys of shard evict_shard may have been evicted (at most *budget of them;
+ * -1: any number), which the model then forgets. */
+static void fz_verify(fz_state_t *s, uint32_t shard, int all, int64_t evict_shard, long *budget,
+                      const char *what) {
     shm_check_t e;
-    uint32_t bad;
-    if (th_check_all(&s->t, &bad, &e)) {
+    uint32_t bad = shard;
+    if (all ? th_check_all(&s->t, &bad, &e) : (shm_check_shard(&s->t.v, shard, &e), e.code)) {
         th_report_check(what, bad, &e);
         abort();
     }
