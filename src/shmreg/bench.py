@@ -72,6 +72,7 @@ class Skip(Exception):
 # so the README's numbers and the CLI's measure the same thing.
 from shmreg._benchdata import KEY_BYTES, OPERATIONS, VALUE_BYTES, Dataset  # noqa: E402,F401
 
+
 # -- peers -----------------------------------------------------------------------
 
 class Peer:
