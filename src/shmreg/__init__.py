@@ -11,6 +11,8 @@ from shmreg import _core
 from shmreg.cache import Cache
 from shmreg.errors import (
     AlreadyRegisteredError,
+    ConfigMismatchError,
+    ConfigMismatchWarning,
     CorruptTableError,
     Error,
     IncompatibleTableError,
@@ -21,7 +23,7 @@ from shmreg.errors import (
     ValueTooLargeError,
 )
 from shmreg.registry import Registration, Registry
-from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, unlink
+from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, temporary, unlink
 from shmreg.watcher import Watcher
 
 #: Sentinel for "no default given" (``pop``/``take``); ``get(k, MISSING)``
@@ -38,6 +40,7 @@ __all__ = [
     "Cache",
     "unlink",
     "list_tables",
+    "temporary",
     "MISSING",
     "DEFAULT_CAPACITY",
     "Error",
@@ -49,4 +52,6 @@ __all__ = [
     "CorruptTableError",
     "NoSpaceError",
     "AlreadyRegisteredError",
+    "ConfigMismatchError",
+    "ConfigMismatchWarning",
 ]
