@@ -1,17 +1,25 @@
-"""One table per worker process of a ``multiprocessing`` pool.
+"""Tables for the worker processes of a ``multiprocessing`` pool.
 
-A ``Pool`` (or ``ProcessPoolExecutor``) initializer attaches the worker to a
-table once; tasks get it with :func:`table`::
+A ``Pool`` (or ``ProcessPoolExecutor``) initializer attaches each worker to
+one or more tables once; tasks get them with :func:`table`::
 
     import multiprocessing, shmreg, shmreg.mp
 
     def work(job):
-        shmreg.mp.table().update_counter("jobs:done")
+        shmreg.mp.table().update_counter("jobs:done")          # the first table
+        shmreg.mp.table("results")[job] = job * job             # any attached one
 
     if __name__ == "__main__":
-        shmreg.Table("jobs")                            # the parent creates it
-        with multiprocessing.Pool(4, initializer=shmreg.mp.attach, initargs=("jobs",)) as pool:
+        shmreg.Table("jobs"); shmreg.Table("results")           # the parent creates them
+        with multiprocessing.Pool(4, **shmreg.mp.pool_kwargs("jobs", "results")) as pool:
             pool.map(work, range(1000))
+
+:func:`pool_kwargs` opens every table in the parent first, so a mistyped
+name fails there, at once (``TableNotFoundError``, with the close names that
+do exist), instead of in every worker's initializer, which a ``Pool``
+restarts forever.  Should a table vanish between that check and a worker's
+start, the worker does not fail its initializer either: its first
+:func:`table` call raises the error, in the task, and ``map`` returns it.
 
 Works under every start method: ``spawn``/``forkserver`` workers run the
 initializer in a fresh interpreter; a ``fork`` child of a process that
@@ -27,78 +35,130 @@ import os
 import threading
 from typing import Any
 
+from shmreg._names import did_you_mean
+from shmreg.errors import TableNotFoundError
 from shmreg.table import Table
 
-__all__ = ["attach", "table", "detach", "pool_kwargs"]
+__all__ = ["attach", "table", "tables", "detach", "pool_kwargs"]
 
 _lock = threading.Lock()
-_name: str | None = None
-_table: Table | None = None
+_names: tuple = ()                 # what this process (or an ancestor) attached
+_tables: dict[str, Table] = {}     # opened by _pid
 _pid: int | None = None
+_error: BaseException | None = None   # a pool worker's failed attach, raised by table()
 
 
-def attach(name: str) -> Table:
-    """Attach this process to the existing table ``name`` (a ``Pool``
-    initializer: ``Pool(initializer=shmreg.mp.attach, initargs=(name,))``).
+def _open(name: str) -> Table:
+    try:
+        return Table.open(name)
+    except TableNotFoundError as e:
+        raise TableNotFoundError(e.errno, f"no table named {name!r}{did_you_mean(name)}",
+                                 e.filename) from None
+
+
+def attach(*names: str) -> Table:
+    """Attach this process to the existing tables ``names`` and return the
+    first (a ``Pool`` initializer: ``Pool(initializer=shmreg.mp.attach,
+    initargs=(name, ...))``).
 
     Opens, never creates: a worker must not create a table of its own under a
-    typo'd name.  Calling it again with the same name returns the same table.
-    :raises TableNotFoundError: the parent has not created it.
+    typo'd name.  Calling it again with the same names returns the same
+    tables; other names replace the attached set (tables opened before are
+    not closed: code of this process may still use them).
+
+    :raises TableNotFoundError: a table does not exist (naming close matches).
+    :raises TypeError: no name given.
 
     >>> shmreg.mp.attach("jobs").name
     'jobs'
     """
-    global _name, _table, _pid
+    global _names, _tables, _pid, _error
+    if not names:
+        raise TypeError("attach() needs at least one table name")
     pid = os.getpid()
     with _lock:
-        if _table is not None and _pid == pid and _name == name and not _table.closed:
-            return _table  # idempotent
-    t = Table.open(name)
+        have = dict(_tables) if _pid == pid else {}
+    opened = {}
+    for name in dict.fromkeys(names):
+        t = have.get(name)
+        opened[name] = t if t is not None and not t.closed else _open(name)
     with _lock:
-        # A previous table is not closed: code of this process may still use it.
-        _name, _table, _pid = name, t, pid
-    return t
+        _names, _tables, _pid, _error = tuple(opened), opened, pid, None
+    return opened[names[0]]
 
 
-def table() -> Table:
-    """The table this process attached with :func:`attach`.
+def _pool_initializer(*names: str) -> None:
+    # An initializer that raises makes a Pool start a new worker, which
+    # raises again, forever: keep the error for the first task instead.
+    global _error
+    try:
+        attach(*names)
+    except Exception as e:
+        _error = e
+
+
+def table(name: str | None = None) -> Table:
+    """The attached table ``name`` (default: the first one attached).
 
     In a ``fork`` child of an attached process, re-attaches first (by name).
     :raises RuntimeError: :func:`attach` was never called in this process or
-        an ancestor.
+        an ancestor, or ``name`` is not among the attached tables.
+    :raises TableNotFoundError: this pool worker could not attach.
 
     >>> shmreg.mp.table().update_counter("hits")
     1
     """
-    t = _table
-    if t is not None and _pid == os.getpid():
-        return t
+    if _pid == os.getpid():
+        t = _tables.get(name if name is not None else (_names[0] if _names else ""))
+        if t is not None:
+            return t
+    if _error is not None:
+        raise _error
     with _lock:
-        if _name is None:
-            raise RuntimeError("no shmreg table attached in this process: start the pool with "
-                               "Pool(initializer=shmreg.mp.attach, initargs=(name,)) "
-                               "or call shmreg.mp.attach(name) first")
-        name = _name
+        names = _names
+    if not names:
+        raise RuntimeError("no shmreg table attached in this process: start the pool with "
+                           "Pool(**shmreg.mp.pool_kwargs(name, ...)) "
+                           "or call shmreg.mp.attach(name, ...) first")
+    if name is not None and name not in names:
+        raise RuntimeError(f"table {name!r} is not attached in this process (attached: "
+                           f"{', '.join(map(repr, names))}): add it to pool_kwargs()/attach()")
     if _pid != os.getpid():
-        return attach(name)
-    return _table  # type: ignore[return-value]
+        attach(*names)
+    return _tables[name if name is not None else names[0]]
+
+
+def tables() -> dict[str, Table]:
+    """``{name: Table}`` of every attached table (re-attaching in a fork child)."""
+    if _pid != os.getpid() and _names:
+        attach(*_names)
+    return dict(_tables) if _pid == os.getpid() else {}
 
 
 def detach() -> None:
-    """Forget (and close, if this process opened it) the attached table."""
-    global _name, _table, _pid
+    """Forget (and close, if this process opened them) the attached tables."""
+    global _names, _tables, _pid, _error
     with _lock:
-        old, pid = _table, _pid
-        _name = _table = _pid = None
-    if old is not None and pid == os.getpid():
-        old.close()
+        old, pid = _tables, _pid
+        _names, _tables, _pid, _error = (), {}, None, None
+    if pid == os.getpid():
+        for t in old.values():
+            t.close()
 
 
-def pool_kwargs(name: str) -> dict[str, Any]:
-    """``initializer``/``initargs`` for ``Pool(**pool_kwargs(name))`` or
-    ``ProcessPoolExecutor(**pool_kwargs(name))``.
+def pool_kwargs(*names: str) -> dict[str, Any]:
+    """``initializer``/``initargs`` for ``Pool(**pool_kwargs(name, ...))`` or
+    ``ProcessPoolExecutor(**pool_kwargs(name, ...))``.
+
+    Checks here, in the parent, that every table exists, so a typo fails
+    before any worker starts.
+
+    :raises TableNotFoundError: a table does not exist (naming close matches).
 
     >>> pool = multiprocessing.Pool(4, **shmreg.mp.pool_kwargs("jobs"))
     """
-    return {"initializer": attach, "initargs": (name,)}
-
+    if not names:
+        raise TypeError("pool_kwargs() needs at least one table name")
+    for name in names:
+        _open(name).close()
+    return {"initializer": _pool_initializer, "initargs": tuple(names)}
