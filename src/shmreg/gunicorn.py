@@ -237,20 +237,20 @@ def settings() -> Settings:
 
 
 def default_registry_name(proc_name: str | None = None, bind: Iterable[str] = (),
-                          cwd: str | None = None) -> str:
+                          cwd: str | None = None, *, server: str = "gunicorn") -> str:
     """The registry name used when none is configured:
-    ``gunicorn-<proc_name>-<8 hex digits>-workers``, the digits a hash of
+    ``<server>-<proc_name>-<8 hex digits>-workers``, the digits a hash of
     ``cwd`` (default: the current directory), ``proc_name`` and the ``bind``
     addresses.  Two apps on one host differ in at least one of them.
 
     >>> default_registry_name("app:application", ["127.0.0.1:8000"], cwd="/srv/shop")
     'gunicorn-app_application-5effca39-workers'
     """
-    proc = proc_name or "gunicorn"
+    proc = proc_name or server
     ident = "\0".join([cwd or os.getcwd(), proc, *sorted(bind)])
     digest = hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", proc).strip("._-")[:60] or "app"
-    return f"gunicorn-{slug}-{digest}-workers"
+    return f"{server}-{slug}-{digest}-workers"
 
 
 _registry_name: str | None = None   # resolved in the arbiter (on_starting); inherited by fork
@@ -403,7 +403,10 @@ def _planned_sizes(s: Settings) -> dict:
     """{name: segment bytes} of every managed table, as configured."""
     sizes = {}
     for name, spec in s.tables.items():
-        sizes[name] = _segment_size(spec.capacity, spec.memory, getattr(spec, "shards", None))
+        try:
+            sizes[name] = _segment_size(spec.capacity, spec.memory, getattr(spec, "shards", None))
+        except ValueError as e:   # a geometry no table can have
+            raise StartupError(f"shmreg: table {name!r}: {e}") from None
         if isinstance(spec, CacheSpec):
             # Cache._flight_table()'s geometry.
             cap = max(4096, min(DEFAULT_CAPACITY if spec.capacity is None else spec.capacity, 1 << 16))
