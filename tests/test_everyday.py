@@ -100,3 +100,17 @@ def test_cache_stats_host_wide_hits_and_misses(table_name):
         assert (st["hits"], st["misses"]) == (64, 0)                # this process
         assert (st["host_hits"], st["host_misses"]) == (704, 128)  # every process
         c.unlink()
+
+
+def test_pool_example_runs_and_leaves_no_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = set(shmreg.list_tables())
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "pool_jobs.py")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"1000 jobs, sum of squares {sum(n * n for n in range(1000))}\n"
+    assert not {n for n in set(shmreg.list_tables()) - before if n.startswith("tmp-")}
