@@ -47,8 +47,9 @@ class Table(_core.CoreTable):
 
     ``Table(name)`` opens the table, creating it if missing;
     :meth:`create` insists on a new one and :meth:`open` on an existing one.
-    Geometry (``capacity``, ``memory``, ``shards``) is fixed at creation and
-    ignored when an existing table is opened.
+    Geometry (``capacity``, ``memory``, ``shards``) is fixed at creation;
+    opening an existing table keeps its geometry and warns
+    (:class:`ConfigMismatchWarning`) about options that differ from it.
 
     Keys are ``str``, ``bytes`` or ``int`` (the type is part of the key:
     ``1`` and ``"1"`` differ).  Values are ``bytes``, ``str``, ``int``,
