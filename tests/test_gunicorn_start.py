@@ -43,7 +43,12 @@ def application(environ, start_response):
     prefix = os.environ["T_PREFIX"]
     status = "200 OK"
     try:
-        if path == "/small":
+        if path == "/slow":
+            import time
+            g.table(prefix + "small").set("busy", os.getpid(), owned=True)
+            time.sleep(60)
+            body = {}
+        elif path == "/small":
             body = {"hits": g.table(prefix + "small").update_counter("hits")}
         elif path == "/big":
             body = {"entries": len(g.cache(prefix + "big"))}
@@ -91,14 +96,14 @@ def small_shm(tmp_path, monkeypatch):
 
 
 class Gunicorn:
-    def __init__(self, where, prefix: str, **options) -> None:
+    def __init__(self, where, prefix: str, graceful_timeout: int = 5, **options) -> None:
         where.mkdir(exist_ok=True)
         (where / "app.py").write_text(textwrap.dedent(APP))
         (where / "conf.py").write_text(textwrap.dedent(CONF))
         self.log_path = where / "gunicorn.log"
         env = dict(os.environ, T_PREFIX=prefix, T_OPTIONS=json.dumps(options))
         cmd = [sys.executable, "-m", "gunicorn", "-c", str(where / "conf.py"), "--log-level", "debug",
-               "--graceful-timeout", "5"]
+               "--graceful-timeout", str(graceful_timeout)]
         if "control_socket_disable" in {s.name for s in KNOWN_SETTINGS}:
             cmd.append("--no-control-socket")
         self._log = open(self.log_path, "wb")
@@ -236,3 +241,35 @@ def test_two_apps_on_one_host_get_their_own_default_registry(small_shm, tmp_path
         for a in apps:
             a.stop()
     assert _segments(small_shm) == []
+
+
+def test_worker_killed_at_the_graceful_timeout_does_not_keep_the_tables(small_shm, tmp_path):
+    import threading
+
+    g = Gunicorn(tmp_path / "app", unique_name("gs") + "-", big=False, graceful_timeout=1)
+    try:
+        g.wait_listening()
+        slow = threading.Thread(target=lambda: _ignore_errors(g.get, "/slow"), daemon=True)
+        slow.start()
+        wait_until(lambda: any(f.endswith("small") for f in _segments(small_shm)) and
+                   _busy(small_shm), 20, "the slow request to start")
+        # The busy worker outlives the 1 s graceful timeout: gunicorn SIGKILLs
+        # it right before on_exit, which must still remove every table.
+        assert g.stop() == 0
+    finally:
+        g.stop()
+    assert _segments(small_shm) == [], g.log()
+    assert "not unlinking" not in g.log()
+
+
+def _ignore_errors(fn, *args):
+    try:
+        fn(*args)
+    except Exception:
+        pass
+
+
+def _busy(d) -> bool:
+    name = next(f for f in _segments(d) if f.endswith("small"))[len("shmreg."):]
+    with shmreg.Table.open(name) as t:
+        return t.get("busy") is not None

@@ -658,6 +658,28 @@ def child_exit(server: Any, worker: Any) -> None:
         log.exception("shmreg: child_exit failed for worker %s", pid)
 
 
+def _wait_for_own_workers(pids: list, me: int, timeout: float = 5.0) -> bool:
+    """Wait (bounded) for those of ``pids`` that are this arbiter's children
+    to die: gunicorn SIGKILLs the workers that outlived the graceful timeout
+    just before ``on_exit``, and a killed process takes a moment to be dead.
+    True if there were any."""
+    import psutil
+
+    from shmreg._proc import is_alive
+
+    mine = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).ppid() == me:
+                mine.append(pid)
+        except psutil.Error:
+            continue
+    deadline = time.monotonic() + timeout
+    while any(is_alive(pid) for pid in mine) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(mine)
+
+
 def on_exit(server: Any) -> None:
     """Arbiter, last: unlink the tables that exist if ``temporary`` (never
     creates one)."""
@@ -673,6 +695,8 @@ def on_exit(server: Any) -> None:
         for name, t in _existing_tables(log):
             try:
                 others = sorted({p["pid"] for p in t._proc_table() if p["alive"] and p["pid"] != me})
+                if others and _wait_for_own_workers(others, me):
+                    others = sorted({p["pid"] for p in t._proc_table() if p["alive"] and p["pid"] != me})
                 if others:
                     log.warning("shmreg: not unlinking %r: live processes %s hold slots in it",
                                 name, others)
