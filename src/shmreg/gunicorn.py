@@ -580,7 +580,10 @@ def post_fork(server: Any, worker: Any) -> None:
         s = settings()
         for name in s.tables:
             try:
-                (cache if isinstance(s.tables[name], CacheSpec) else table)(name)
+                with warnings.catch_warnings():
+                    # A geometry mismatch was logged once, by on_starting: not once per worker.
+                    warnings.simplefilter("ignore", ConfigMismatchWarning)
+                    (cache if isinstance(s.tables[name], CacheSpec) else table)(name)
             except UnavailableError:
                 pass   # logged once by on_starting; the app gets the error on use
             except Exception:
