@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Examples written to pass mypy --strict; add new typed examples here.
 TYPED_EXAMPLES = [
+    "examples/gunicorn_app/app.py",
     "examples/pool_jobs.py",
     "examples/uwsgi_app/app.py",
     "examples/uvicorn_app/app.py",
