@@ -44,7 +44,11 @@ MODULES = [
     "shmreg.uwsgi",
     "shmreg.uvicorn",
     "shmreg.mp",
+    "shmreg.prometheus",
+    "shmreg.celery",
     "shmreg.testing",
+    "shmreg.django",
+    "shmreg.cachelib",
 ]
 
 # The command line parser: ``module:function`` returning an ArgumentParser.

@@ -1,11 +1,42 @@
-"""Shared fixtures: unique table names that are always unlinked."""
+"""Shared fixtures: unique table names that are always unlinked, and a
+segment directory of this test session's own."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
 import shmreg
 from _helpers import unique_name
+
+_saved_dir: list = []
+
+
+def pytest_configure(config):
+    """Give this session its own segment directory (``SHMREG_DIR``, inherited
+    by every child process): concurrent test runs on one host never see each
+    other's tables, and no test depends on what else is in ``/dev/shm``.
+    On a tmpfs like the real one, sticky and world-writable like ``/dev/shm``
+    so tests running throwaway users can create tables in it too."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    d = tempfile.mkdtemp(prefix="shmreg-tests-", dir=base)
+    os.chmod(d, 0o1777)
+    _saved_dir.append((os.environ.get("SHMREG_DIR"), d))
+    os.environ["SHMREG_DIR"] = d
+
+
+def pytest_unconfigure(config):
+    if not _saved_dir:
+        return
+    old, d = _saved_dir.pop()
+    if old is None:
+        os.environ.pop("SHMREG_DIR", None)
+    else:
+        os.environ["SHMREG_DIR"] = old
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -162,7 +162,7 @@ def test_value_too_large(table_name):
         t.close()
 
 
-@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), 1e12])
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("-inf"), 1e12])
 def test_bad_ttl_is_valueerror(table, ttl):
     table["k"] = 1
     for op in (lambda: table.set("n", 1, ttl=ttl), lambda: table.insert_new("n", 1, ttl=ttl),
@@ -174,11 +174,26 @@ def test_bad_ttl_is_valueerror(table, ttl):
     table.check()
 
 
+def test_inf_ttl_means_never_expires(table):
+    # Same meaning as in Cache: inf is "no expiry", exactly like None.
+    inf = float("inf")
+    table.set("a", 1, ttl=inf)
+    assert table.insert_new("b", 2, ttl=inf)
+    assert table.update_counter("c", ttl=inf) == 1
+    table.set("d", 4, ttl=5)
+    assert table.expire("d", inf)
+    assert {k: table.ttl(k) for k in "abcd"} == dict.fromkeys("abcd")
+    assert table.stats()["with_ttl"] == 0
+    table.check()
+
+
 def test_bad_ttl_type_is_typeerror(table):
     with pytest.raises(TypeError):
         table.set("n", 1, ttl="5")
     with pytest.raises(TypeError):
         table.set("n", 1, ttl=[5])
+    with pytest.raises(TypeError):
+        table.set("n", 1, ttl=True)
     assert "n" not in table
 
 

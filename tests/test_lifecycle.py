@@ -105,6 +105,22 @@ def test_create_race_between_processes(table_name):
     assert shmreg.Table.open(table_name).capacity == 1000
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this platform (macOS)")
+def test_tables_live_in_dev_shm_by_default(monkeypatch):
+    # The one test about /dev/shm itself: every other test uses this
+    # session's own SHMREG_DIR (tests/conftest.py).
+    monkeypatch.delenv("SHMREG_DIR")
+    name = unique_name("devshm")
+    assert shmreg._segment.segment_dir() == "/dev/shm"
+    with shmreg.Table.create(name, capacity=100, memory=1 << 16) as t:
+        try:
+            assert t.path == f"/dev/shm/shmreg.{name}" and os.path.isfile(t.path)
+            assert name in shmreg.list_tables()
+        finally:
+            t.unlink()
+    assert not os.path.exists(f"/dev/shm/shmreg.{name}")
+
+
 def test_orphaned_init_file_is_swept(table_name):
     d = shmreg._segment.segment_dir()
     # An init file left by a creator that died (pid 1 is never us, and pid

@@ -74,3 +74,30 @@ def test_table_names_only_what_was_attached(shm_table_factory):
             shmreg.mp.pool_kwargs()
     finally:
         shmreg.mp.detach()
+
+
+def _modes_of_attached(_: int) -> list:
+    return sorted((name, t.mode) for name, t in shmreg.mp.tables().items())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", METHODS)
+def test_several_shared_tables_attach_with_their_sharing(method, table_name):
+    # Several names and the trust model's mode together: the check in the
+    # parent and every worker's attach accept the group-writable tables.
+    other = table_name + "-b"
+    a = shmreg.Table.create(table_name, mode=0o660, capacity=100, memory=1 << 16)
+    b = shmreg.Table.create(other, mode=0o660, capacity=100, memory=1 << 16)
+    try:
+        with pytest.raises(shmreg.UntrustedTableError):
+            shmreg.mp.pool_kwargs(a.name, b.name)          # default sharing: refused in the parent
+        with pytest.raises(shmreg.TableNotFoundError, match="did you mean"):
+            shmreg.mp.pool_kwargs(a.name, other[:-1] + "x", mode=0o660)
+        kwargs = shmreg.mp.pool_kwargs(a.name, b.name, mode=0o660)
+        with multiprocessing.get_context(method).Pool(2, **kwargs) as pool:
+            got = pool.map(_modes_of_attached, range(4))
+        assert got == [sorted([(a.name, 0o660), (b.name, 0o660)])] * 4
+    finally:
+        for t in (a, b):
+            t.unlink()
+            t.close()

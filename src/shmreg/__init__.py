@@ -20,15 +20,21 @@ from shmreg.errors import (
     TableExistsError,
     TableFullError,
     TableNotFoundError,
+    UntrustedTableError,
     ValueTooLargeError,
 )
 from shmreg.registry import Registration, Registry
 from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, temporary, unlink
+from shmreg.trust import Trust
 from shmreg.watcher import Watcher
 
 #: Sentinel for "no default given" (``pop``/``take``); ``get(k, MISSING)``
 #: returns it for an absent key.
 MISSING = _core.MISSING
+
+#: A pickled value handed back unpickled (opaque ``bytes``) because others can
+#: write the table (see :class:`Trust`); ``pickle.loads`` it if you trust it.
+PickledValue = _core.PickledValue
 
 __version__ = "0.1.0"
 
@@ -38,6 +44,8 @@ __all__ = [
     "Registration",
     "Watcher",
     "Cache",
+    "Trust",
+    "PickledValue",
     "unlink",
     "list_tables",
     "temporary",
@@ -54,4 +62,5 @@ __all__ = [
     "AlreadyRegisteredError",
     "ConfigMismatchError",
     "ConfigMismatchWarning",
+    "UntrustedTableError",
 ]

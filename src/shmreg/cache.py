@@ -10,33 +10,62 @@ so reads stay lock-free) - instead of raising ``TableFullError``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
+import inspect
 import math
 import os
 import pickle
+import threading
 import time
-from collections.abc import MutableMapping
-from typing import Any, Callable, Iterator, TypeVar
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Generic, Iterator, MutableMapping,
+                    TypeVar, Union, overload)
 
 from shmreg._core import MISSING
 from shmreg.errors import TableNotFoundError
 from shmreg.table import Table
+from shmreg.trust import Trust
 
-__all__ = ["Cache"]
+__all__ = ["Cache", "shared_cache"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+D = TypeVar("D")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 _DEFAULT = object()
 
+if TYPE_CHECKING:
+    # Only the type checker needs these (mypy knows typing_extensions even
+    # when it is not installed): memoize keeps the wrapped signature.
+    from typing_extensions import ParamSpec, Protocol
 
-class Cache(MutableMapping):
+    P = ParamSpec("P")
+
+    class Memoized(Protocol[P, R_co]):
+        """A function memoized by :meth:`Cache.memoize`."""
+
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+        def cache_clear(self) -> int: ...
+        def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+
+class Cache(MutableMapping[Any, T], Generic[T]):
     """A TTL cache in shared memory with eviction and cross-process single flight.
 
     :param name: table name (opened, or created if missing).
-    :param ttl: default time to live in seconds for ``set`` (``None``: entries
-        never expire unless a ``ttl`` is given).
+    :param ttl: default time to live in seconds for ``set`` (``None`` or
+        ``inf``: entries never expire unless a ``ttl`` is given).  Every
+        method's ``ttl`` takes seconds, ``inf`` for "never expires" (as in
+        :class:`~shmreg.Table`), or ``None`` for the cache's default;
+        ``0``, negatives and ``nan`` raise ``ValueError``.
     :param capacity: entries the table is sized for (when it creates it).
     :param memory: bytes for keys and values (when it creates it).
+    :param mode: file mode when it creates its tables, the sharing accepted
+        when it opens them (default ``0o600``); see :class:`~shmreg.Table`.
+    :param trust: other users and groups whose tables it accepts
+        (:class:`~shmreg.Trust`; default none).  Applies to the cache's
+        single-flight table too.
     :param clock: for tests: monotonic seconds, instead of CLOCK_MONOTONIC.
 
     >>> cache = Cache("doc-cache", ttl=60)
@@ -45,12 +74,18 @@ class Cache(MutableMapping):
     >>> cache["answer"]
     42
     >>> cache.unlink()
+
+    ``Cache[T]`` is generic in the type of its values, for type checkers:
+    ``pages: Cache[bytes] = Cache("pages")`` makes ``pages.get_or_set(...)``
+    a ``bytes``.
     """
 
     def __init__(self, name: str, *, ttl: float | None = 300.0, capacity: int | None = None,
-                 memory: int | None = None, clock: Callable[[], float] | None = None) -> None:
+                 memory: int | None = None, mode: int = 0o600, trust: Trust | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.default_ttl = self._check_ttl(ttl)
-        self.table = Table(name, capacity=capacity, memory=memory, clock=clock, _clock_bits=True)
+        self.table = Table(name, capacity=capacity, memory=memory, mode=mode, trust=trust,
+                           clock=clock, _clock_bits=True)
         self._clock = clock
         self._flights: Table | None = None
         # Hits and misses are the table's per-process read counters (exact
@@ -88,12 +123,13 @@ class Cache(MutableMapping):
         """Remove the cache (and its single-flight table) from the host."""
         self.table.unlink()
         try:
-            with Table.open(self._flights_name()) as flights:
+            with Table.open(self._flights_name(), mode=self.table.mode,
+                            trust=self.table.trust) as flights:
                 flights.unlink()
         except TableNotFoundError:
             pass
 
-    def __enter__(self) -> "Cache":
+    def __enter__(self) -> "Cache[T]":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -117,12 +153,17 @@ class Cache(MutableMapping):
 
     # -- reads -------------------------------------------------------------------
 
+    @overload
+    def get(self, key: Any) -> T | None: ...
+    @overload
+    def get(self, key: Any, default: D) -> T | D: ...
+
     def get(self, key: Any, default: Any = None) -> Any:  # replaced per instance by table.get
         """The cached value of ``key``, or ``default`` (a miss)."""
         return self.table.get(key, default)
 
-    def __getitem__(self, key: Any) -> Any:
-        return self.table[key]
+    def __getitem__(self, key: Any) -> T:
+        return self.table[key]  # type: ignore[no-any-return]
 
     def __contains__(self, key: object) -> bool:
         # A membership test is not a cache read: keep the counters as they were.
@@ -152,7 +193,7 @@ class Cache(MutableMapping):
 
     # -- writes ------------------------------------------------------------------
 
-    def set(self, key: Any, value: Any, *, ttl: float | None = None) -> bool:
+    def set(self, key: Any, value: T, *, ttl: float | None = None) -> bool:
         """Store ``value`` (``ttl`` seconds, default the cache's), evicting
         if there is no room.  Returns True if *live* entries had to be evicted
         to make room (``lua_shared_dict``'s ``forcible``).
@@ -163,22 +204,22 @@ class Cache(MutableMapping):
         self.sets += 1
         return evicted > 0
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def __setitem__(self, key: Any, value: T) -> None:
         self.set(key, value)
 
-    def safe_set(self, key: Any, value: Any, *, ttl: float | None = None) -> None:
+    def safe_set(self, key: Any, value: T, *, ttl: float | None = None) -> None:
         """Like :meth:`set`, but never evicts a live entry.
         :raises TableFullError: no room without evicting."""
         self.table._cache_put(key, value, self._ttl(ttl), False, False)
         self.sets += 1
 
-    def add(self, key: Any, value: Any, *, ttl: float | None = None) -> bool:
+    def add(self, key: Any, value: T, *, ttl: float | None = None) -> bool:
         """Store only if ``key`` is absent (or expired); never evicts a live
         entry.  Returns whether it stored.  :raises TableFullError: no room."""
         stored, _ = self.table._cache_put(key, value, self._ttl(ttl), True, False)
         if stored:
             self.sets += 1
-        return stored
+        return bool(stored)
 
     def delete(self, key: Any) -> bool:
         """Remove ``key``; True if it was cached."""
@@ -207,7 +248,7 @@ class Cache(MutableMapping):
     def __iter__(self) -> Iterator[Any]:
         return iter(self.table)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         """Counters and usage.
 
         Per process (exact; a ``get_or_set`` counts once, however long it
@@ -241,11 +282,12 @@ class Cache(MutableMapping):
         # evicted by cache pressure (two workers would then compute).
         if self._flights is None:
             cap = max(4096, min(self.table.capacity, 1 << 16))
-            self._flights = Table(self._flights_name(), capacity=cap, memory=max(4 << 20, 128 * cap))
+            self._flights = Table(self._flights_name(), capacity=cap, memory=max(4 << 20, 128 * cap),
+                                  mode=self.table.mode, trust=self.table.trust)
         return self._flights
 
-    def get_or_set(self, key: Any, factory: Callable[[], Any], *, ttl: float | None = None,
-                   timeout: float = 30.0) -> Any:
+    def get_or_set(self, key: Any, factory: Callable[[], T], *, ttl: float | None = None,
+                   timeout: float = 30.0) -> T:
         """The cached value of ``key``; if missing, compute it with ``factory()``
         in exactly one process while concurrent callers (any process) wait.
 
@@ -261,7 +303,7 @@ class Cache(MutableMapping):
         self._ttl(ttl)  # bad ttl: fail before running the factory
         v = self.table.get(key, MISSING)
         if v is not MISSING:
-            return v
+            return v  # type: ignore[no-any-return]
         # This call counts as the one miss above, however often it polls.
         counted = self.table._hits, self.table._misses
         try:
@@ -269,8 +311,8 @@ class Cache(MutableMapping):
         finally:
             self._uncount(*counted)
 
-    def _single_flight(self, key: Any, factory: Callable[[], Any], ttl: float | None,
-                       timeout: float) -> Any:
+    def _single_flight(self, key: Any, factory: Callable[[], T], ttl: float | None,
+                       timeout: float) -> T:
         flights = self._flight_table()
         deadline = time.monotonic() + timeout
         delay = 0.0005
@@ -283,23 +325,104 @@ class Cache(MutableMapping):
                     if v is MISSING:
                         v = factory()
                         self.set(key, v, ttl=ttl)
-                    return v
+                    return v  # type: ignore[no-any-return]
                 finally:
                     # Only our own mark: after a timeout another process may
                     # have marked the key since.
                     flights._delete_owned(key, flights._self_owner_id)
             v = self.table.get(key, MISSING)
             if v is not MISSING:
-                return v
+                return v  # type: ignore[no-any-return]
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no value for {key!r} within {timeout} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
+    # -- asyncio -----------------------------------------------------------------
+    # Reads and writes never wait for anything but a shard lock held for a few
+    # microseconds, so the async face runs them inline (no thread hop).  Only
+    # waiting for another process's computation is a real wait, and that one
+    # sleeps with asyncio.sleep.
+
+    async def aget(self, key: Any, default: Any = None) -> Any:
+        """Async :meth:`get` (runs inline: it never blocks)."""
+        return self.table.get(key, default)
+
+    async def aset(self, key: Any, value: T, *, ttl: float | None = None) -> bool:
+        """Async :meth:`set`."""
+        return self.set(key, value, ttl=ttl)
+
+    async def aadd(self, key: Any, value: T, *, ttl: float | None = None) -> bool:
+        """Async :meth:`add`."""
+        return self.add(key, value, ttl=ttl)
+
+    async def adelete(self, key: Any) -> bool:
+        """Async :meth:`delete`."""
+        return self.delete(key)
+
+    async def atouch(self, key: Any, ttl: float | None = None) -> bool:
+        """Async :meth:`touch`."""
+        return self.touch(key, ttl)
+
+    async def aget_or_set(self, key: Any,
+                          factory: Callable[[], Union[T, Awaitable[T]]], *,
+                          ttl: float | None = None, timeout: float = 30.0) -> T:
+        """Async :meth:`get_or_set`: the value of ``key``, computed once across
+        processes if missing.  ``factory`` may be a coroutine function (or
+        return an awaitable); a plain function runs inline on the loop, so
+        hand CPU-heavy work to an executor inside an async factory.
+
+        While another process (or task) computes the value, this coroutine
+        waits with ``asyncio.sleep`` (0.5 ms doubling to 50 ms): the event
+        loop keeps serving other tasks.  Cancelling the computing task
+        releases its mark, and the next waiter computes.
+
+        >>> async def render():
+        ...     return "<html>"
+        >>> page = await cache.aget_or_set("page:/", render, ttl=60)
+        :raises TimeoutError: no value within ``timeout`` seconds.
+        """
+        self._ttl(ttl)
+        v = self.table.get(key, MISSING)
+        if v is not MISSING:
+            return v  # type: ignore[no-any-return]
+        counted = self.table._hits, self.table._misses
+        try:
+            return await self._single_flight_async(key, factory, ttl, timeout)
+        finally:
+            self._uncount(*counted)
+
+    async def _single_flight_async(self, key: Any,
+                                   factory: Callable[[], Union[T, Awaitable[T]]],
+                                   ttl: float | None, timeout: float) -> T:
+        # The same protocol as _single_flight; only the wait differs.
+        flights = self._flight_table()
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            if flights.insert_new(key, os.getpid(), ttl=max(timeout, 0.001), owned=True):
+                try:
+                    v = self.table.get(key, MISSING)
+                    if v is MISSING:
+                        v = factory()
+                        if inspect.isawaitable(v):
+                            v = await v
+                        self.set(key, v, ttl=ttl)
+                    return v  # type: ignore[no-any-return]
+                finally:
+                    flights._delete_owned(key, flights._self_owner_id)
+            v = self.table.get(key, MISSING)
+            if v is not MISSING:
+                return v  # type: ignore[no-any-return]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no value for {key!r} within {timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     # -- memoize -----------------------------------------------------------------
 
     def memoize(self, ttl: float | None = None, key: Callable[..., Any] | None = None
-                ) -> Callable[[F], F]:
+                ) -> Callable[[Callable[P, R]], Memoized[P, R]]:
         """Decorator: cache a function's results across processes.
 
         The cache key is the function's module and qualified name plus a
@@ -313,7 +436,7 @@ class Cache(MutableMapping):
         ... def slow_square(x):
         ...     return x * x
         """
-        def decorate(fn: F) -> F:
+        def decorate(fn: Callable[P, R]) -> Memoized[P, R]:
             prefix = f"memo:{fn.__module__}.{fn.__qualname__}:"
 
             def cache_key(*args: Any, **kwargs: Any) -> str:
@@ -324,7 +447,11 @@ class Cache(MutableMapping):
 
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return self.get_or_set(cache_key(*args, **kwargs), lambda: fn(*args, **kwargs), ttl=ttl)
+                # The cache holds T, the function returns R: memoized values
+                # share the table with other entries, so the types are apart.
+                store: Cache[Any] = self
+                return store.get_or_set(cache_key(*args, **kwargs), lambda: fn(*args, **kwargs),
+                                        ttl=ttl)
 
             def cache_clear() -> int:
                 doomed = [k for k, _ in self.table.select(prefix=prefix)]
@@ -334,6 +461,43 @@ class Cache(MutableMapping):
             wrapper.cache_key = cache_key  # type: ignore[attr-defined]
             return wrapper  # type: ignore[return-value]
         return decorate
+
+
+_shared: dict[str, Cache[Any]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_cache(name: str, *, capacity: int | None = None,
+                 memory: int | None = None) -> Cache[Any]:
+    """This process's one :class:`Cache` on table ``name`` (opened, or created
+    with ``capacity``/``memory`` if missing), shared by every caller.
+
+    For framework backends that make one backend object per thread or per
+    request (Django, cachelib): they all use one attached table.  The cache
+    has no default ttl (entries never expire unless a ``ttl`` is given), so
+    callers pass their own on every write.  A forked child keeps using the
+    handle it inherited (the mapping stays valid; per-process state is reset
+    by the table's fork hook).
+    """
+    cache = _shared.get(name)
+    if cache is None or cache.table.closed:
+        with _shared_lock:
+            cache = _shared.get(name)
+            if cache is None or cache.table.closed:
+                cache = Cache(name, ttl=None, capacity=capacity, memory=memory)
+                _shared[name] = cache  # noqa: SHM101 - per-process handles on a shared table
+    return cache
+
+
+def _reset_shared_lock() -> None:
+    # A fork while another thread held the lock would leave it held forever
+    # in the child.
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_shared_lock)
 
 
 def _canonical(obj: Any) -> Any:

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import shmreg
+from shmreg import _segment
 from shmreg.table import temporary_orphaned
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_IN_USE = 0, 1, 2, 3, 4
@@ -44,6 +45,9 @@ def to_json(v: Any) -> Any:
     - ``str``, ``int``, ``bool``, ``None`` and finite ``float``: themselves;
     - ``float`` nan/inf: ``{"float": "nan"}`` (``"inf"``, ``"-inf"``);
     - ``bytes``: ``{"bytes_b64": "<base64>"}``;
+    - a pickled value left opaque (:class:`shmreg.PickledValue`, a table
+      others can write, read without ``--unpickle``):
+      ``{"pickle_b64": "<base64>", "unpickled": false}``;
     - ``list`` and ``dict`` with ``str`` keys: themselves, items encoded
       the same way;
     - anything else (tuples, sets, objects: pickled values):
@@ -55,6 +59,8 @@ def to_json(v: Any) -> Any:
         return int(v)
     if isinstance(v, float):
         return v if math.isfinite(v) else {"float": repr(v)}
+    if isinstance(v, shmreg.PickledValue):
+        return {"pickle_b64": base64.b64encode(bytes(v)).decode("ascii"), "unpickled": False}
     if isinstance(v, (bytes, bytearray)):
         return {"bytes_b64": base64.b64encode(bytes(v)).decode("ascii")}
     if type(v) is list:
@@ -78,16 +84,36 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover - unreachable
 
 
-def _open(name: str) -> shmreg.Table:
-    """Open an existing table (never creates one); a missing one names the
-    close matches."""
+def _sharing(args: argparse.Namespace) -> dict:
+    """``mode``/``trust`` keywords from --mode, --trust, --trust-group, --unpickle."""
+    mode = getattr(args, "mode", None)
+    users, groups = getattr(args, "trust", None) or (), getattr(args, "trust_group", None) or ()
+    unpickle = getattr(args, "unpickle", False)
+    trust = shmreg.Trust(uids=users, gids=groups, unpickle=unpickle) \
+        if users or groups or unpickle else None
+    return {"mode": 0o600 if mode is None else mode, "trust": trust}
+
+
+def _open(name: str, args: argparse.Namespace) -> shmreg.Table:
+    """Open an existing table (never creates one), with the sharing options;
+    a missing one names the close matches."""
     try:
-        return shmreg.Table.open(name)
+        return shmreg.Table.open(name, **_sharing(args))
     except shmreg.TableNotFoundError as e:
         from shmreg._names import did_you_mean
 
         raise shmreg.TableNotFoundError(e.errno, f"no table named {name!r}{did_you_mean(name)}",
                                         e.filename) from None
+
+
+def _note_opaque(name: str, values: list) -> None:
+    """Say on stderr why pickled values are shown as opaque bytes."""
+    n = sum(isinstance(v, shmreg.PickledValue) for v in values)
+    if n:
+        owner = _user(_segment.owner_of(name))
+        print(f"shmreg: note: {n} pickled value{'s' if n > 1 else ''} shown as opaque bytes, not "
+              f"unpickled: others can write table {name!r} (owner {owner}), and unpickling runs "
+              "their code as you; --unpickle to unpickle anyway", file=sys.stderr)
 
 
 def _miss(t: shmreg.Table, key: Any, args: argparse.Namespace) -> CliError:
@@ -138,7 +164,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_stat(args: argparse.Namespace) -> int:
-    with _open(args.name) as t:
+    with _open(args.name, args) as t:
         if args.prometheus:
             from shmreg.metrics import prometheus_text
 
@@ -175,7 +201,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    w = Watcher(args.name, on_death=on_death, interval=args.interval)
+    w = Watcher(args.name, on_death=on_death, interval=args.interval, **_sharing(args))
     w.start()
     print(f"watching {args.name!r} (pid {os.getpid()}); waiting for the lease...", flush=True)
     announced = False
@@ -192,19 +218,39 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 # -- ls ------------------------------------------------------------------------------
 
+def _user(uid: int | None) -> str:
+    """User name of ``uid`` (its number if it has none)."""
+    if uid is None:
+        return "-"
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     from shmreg.metrics import prometheus_text, table_metrics
 
     rows = []
-    for name in shmreg.list_tables():
+    for name in shmreg.list_tables(all_users=args.all):
+        owner = _segment.owner_of(name)
         try:
-            with _open(name) as t:
+            with _open(name, args) as t:
                 rows.append(table_metrics(t))
         except shmreg.TableNotFoundError:
             continue  # removed between the listing and the open
+        except shmreg.UntrustedTableError as e:
+            # Another user's table: say whose, not the whole lecture.
+            rows.append({"name": name, "error": "UntrustedTableError: not opened (--trust "
+                         f"{_user(owner)} to inspect it)" if e.owner_uid != os.geteuid()
+                         else f"UntrustedTableError: {e}"})
         except (shmreg.Error, OSError) as e:
             msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             rows.append({"name": name, "error": f"{type(e).__name__}: {msg}"})
+        if args.all:
+            rows[-1]["owner"] = _user(owner)
     for r in rows:   # temporary tables (shmreg.temporary) whose creator is gone
         if temporary_orphaned(r["name"]):
             r["orphan"] = True
@@ -220,11 +266,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if not rows:
         return EXIT_OK
     table = [("NAME", "ENTRIES", "CAPACITY", "LOAD", "SIZE", "USED", "OWNERS", "WATCHER")]
+    if args.all:
+        table = [("NAME", "USER") + table[0][1:]]
     for r in rows:
+        user = (r["owner"],) if args.all else ()
         if "error" in r:
-            table.append((r["name"], "-", "-", "-", "-", "-", "-", r["error"]))
+            table.append((r["name"], *user, "-", "-", "-", "-", "-", "-", r["error"]))
             continue
-        table.append((r["name"], f"{r['entries']:,}", f"{r['capacity']:,}",
+        table.append((r["name"], *user, f"{r['entries']:,}", f"{r['capacity']:,}",
                        f"{r['load_factor'] * 100:.1f}%", _human_bytes(r["segment_bytes"]),
                        _human_bytes(r["bytes_used"]), str(r["owner_processes"]),
                        str(r["watcher_pid"]) if r["watcher_pid"] else "-"))
@@ -244,7 +293,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         if not temporary_orphaned(name):
             continue
         try:
-            with _open(name) as t:
+            with _open(name, args) as t:
                 pids, watcher = _users(t)
         except shmreg.TableNotFoundError:
             continue
@@ -258,7 +307,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
             continue
         if not args.dry_run:
             try:
-                shmreg.unlink(name)
+                shmreg.unlink(name, trust=_sharing(args)["trust"])
             except shmreg.TableNotFoundError:
                 continue
         removed.append(name)
@@ -290,7 +339,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             args._parser.error(f"--bytes-prefix: not hex: {args.bytes_prefix!r}")
     if args.limit is not None and args.limit < 0:
         args._parser.error("--limit must be >= 0")
-    with _open(args.name) as t:
+    with _open(args.name, args) as t:
         owners = None
         if args.owner is not None:
             owners = {p["owner"] for p in t._proc_table() if p["pid"] == args.owner and p["alive"]}
@@ -308,6 +357,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         rows = rows[: args.limit]
     entries = [dict(key=k, value=v, ttl=_ttl_left(exp, now), owner=pids.get(own) if own else None)
                for k, v, exp, own in rows]
+    _note_opaque(args.name, [e["value"] for e in entries])
     if args.json:
         _print_json({"table": args.name, "total": total, "truncated": len(entries) < total,
                      "entries": [dict(e, key=to_json(e["key"]), value=to_json(e["value"]))
@@ -328,15 +378,18 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
 def _cmd_get(args: argparse.Namespace) -> int:
     key = _key_of(args)
-    with _open(args.name) as t:
-        value = t.get(key, shmreg.MISSING)
-        if value is shmreg.MISSING:
+    with _open(args.name, args) as t:
+        # One read gives value and owner: a value is decoded (unpickled) once.
+        got = t._get_owned(key, shmreg.MISSING)
+        if got is shmreg.MISSING:
             raise _miss(t, key, args)
+        value, owner_id = got
+        owner = t._owner_pid(owner_id) if owner_id else None
         try:
             ttl = t.ttl(key)
-            owner = t.owner(key)
         except KeyError:  # expired or deleted since the read
-            ttl = owner = None
+            ttl = None
+    _note_opaque(args.name, [value])
     if args.json:
         _print_json({"key": to_json(key), "value": to_json(value), "ttl": ttl, "owner": owner})
     elif isinstance(value, str):
@@ -366,16 +419,16 @@ def _value_of(args: argparse.Namespace) -> Any:
 def _cmd_set(args: argparse.Namespace) -> int:
     key = _key_of(args)
     value = _value_of(args)
-    if args.ttl is not None and not (args.ttl > 0 and math.isfinite(args.ttl)):
-        args._parser.error(f"--ttl must be a positive number of seconds, not {args.ttl}")
-    with _open(args.name) as t:
+    if args.ttl is not None and not args.ttl > 0:  # inf: never expires, as without --ttl
+        args._parser.error(f"--ttl must be a positive number of seconds (or inf), not {args.ttl}")
+    with _open(args.name, args) as t:
         t.set(key, value, ttl=args.ttl)
     return EXIT_OK
 
 
 def _cmd_del(args: argparse.Namespace) -> int:
     key = _key_of(args)
-    with _open(args.name) as t:
+    with _open(args.name, args) as t:
         if not t.delete(key):
             raise _miss(t, key, args)
     return EXIT_OK
@@ -384,7 +437,7 @@ def _cmd_del(args: argparse.Namespace) -> int:
 # -- reap, check, destroy ----------------------------------------------------------------
 
 def _cmd_reap(args: argparse.Namespace) -> int:
-    with _open(args.name) as t:
+    with _open(args.name, args) as t:
         if args.pid is None:
             dead = {p["pid"] for p in t._proc_table() if not p["alive"]}
             n = t.reap_dead()
@@ -405,17 +458,22 @@ def _cmd_reap(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    with _open(args.name) as t:
+    repaired: list = []
+    with _open(args.name, args) as t:
         try:
-            t.check()
+            repaired = t.check(repair=args.repair) or []
         except shmreg.CorruptTableError as e:
             if args.json:
-                _print_json({"table": args.name, "ok": False, "error": str(e)})
+                _print_json({"table": args.name, "ok": False, "error": str(e),
+                             **({"repaired": repaired} if args.repair else {})})
             raise CliError(f"table {args.name!r} is corrupt: {e}", EXIT_CORRUPT) from None
         n, shards = len(t), t.nshards
     if args.json:
-        _print_json({"table": args.name, "ok": True, "entries": n, "shards": shards})
+        _print_json({"table": args.name, "ok": True, "entries": n, "shards": shards,
+                     **({"repaired": repaired} if args.repair else {})})
     else:
+        for what in repaired:
+            print(f"repaired: {what}: its lock had no live holder and was reinitialised")
         print(f"ok: table {args.name!r} passed every check ({n:,} entries, {shards} shards)")
     return EXIT_OK
 
@@ -424,7 +482,7 @@ def _cmd_flag(args: argparse.Namespace) -> int:
     from shmreg.recipes import flags_command
 
     try:
-        flags = flags_command(args.name, args.flag, args.value, prefix=args.prefix)
+        flags = flags_command(args.name, args.flag, args.value, prefix=args.prefix, **_sharing(args))
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     if args.flag is not None and not flags:
@@ -449,11 +507,11 @@ def _users(t: shmreg.Table) -> tuple[list, int | None]:
 def _cmd_destroy(args: argparse.Namespace) -> int:
     names = [args.name]
     flights = f"{args.name}--flights"  # shmreg.Cache's single-flight companion
-    if args.name in shmreg.list_tables() and flights in shmreg.list_tables():
+    if _segment.owner_of(args.name) is not None and _segment.owner_of(flights) is not None:
         names.append(flights)
     users: dict = {}
     for name in names:
-        with _open(name) as t:
+        with _open(name, args) as t:
             pids, watcher = _users(t)
         if pids or watcher:
             users[name] = {"pids": pids, "watcher_pid": watcher}
@@ -471,7 +529,7 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
     removed = []
     for name in names:
         try:
-            shmreg.unlink(name)
+            shmreg.unlink(name, trust=_sharing(args)["trust"])
             removed.append(name)
         except shmreg.TableNotFoundError:
             if name == args.name:
@@ -540,7 +598,7 @@ def _cmd_top(args: argparse.Namespace) -> int:
     if frames is not None and frames < 1:
         args._parser.error("--frames must be >= 1")
     tty = sys.stdout.isatty()
-    with _open(args.name) as t:
+    with _open(args.name, args) as t:
         path = t.path
         prev = table_metrics(t)
         shown = 0
@@ -627,6 +685,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from shmreg.lint import report
+
+    return report.run(args)
+
+
 # -- parser -------------------------------------------------------------------------------
 
 def _pid(s: str) -> int:
@@ -639,9 +703,46 @@ def _pid(s: str) -> int:
     return v
 
 
+def _mode(s: str) -> int:
+    try:
+        v = int(s, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {s!r}") from None
+    if not 0 <= v <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a permission mode: {s!r}")
+    return v
+
+
+# Commands that open a table: they take the sharing options.
+_OPENS = {"ls", "clean", "stat", "dump", "get", "set", "del", "watch", "reap", "check", "flag",
+          "top", "destroy"}
+
+SHARING_EPILOG = (
+    "sharing: only your own tables are opened, and only if no one else can write them. "
+    "--trust USER accepts a table owned by USER (e.g. root inspecting a user's table); "
+    "--trust-group GROUP one that GROUP can write; --mode 660/666 one shared that way. "
+    "Pickled values of a table others can write are shown as opaque bytes unless --unpickle.")
+
+
+def _sharing_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sharing (see docs/guarantees.md, Trust model)")
+    g.add_argument("--trust", action="append", metavar="USER",
+                   help="accept a table owned by USER (name or uid; repeatable)")
+    g.add_argument("--trust-group", action="append", metavar="GROUP",
+                   help="accept a table GROUP can write (name or gid; repeatable)")
+    g.add_argument("--mode", type=_mode, metavar="MODE",
+                   help="accept a table as shared as MODE (octal, e.g. 660 or 666; default 600)")
+    g.add_argument("--unpickle", action="store_true",
+                   help="unpickle values of a table others can write (runs their code as you)")
+
+
 def _add(sub, name: str, func, help: str, description: str | None = None):
-    p = sub.add_parser(name, help=help, description=description or help, epilog=EPILOG)
+    opens = name in _OPENS
+    p = sub.add_parser(name, help=help, description=description or help,
+                       epilog=f"{SHARING_EPILOG}  {EPILOG}" if opens else EPILOG)
     p.set_defaults(func=func, _parser=p)
+    if opens:
+        _sharing_args(p)
     return p
 
 
@@ -660,10 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"shmreg {shmreg.__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = _add(sub, "ls", _cmd_ls, "list every table on this host",
-             "List every table on this host: entries, capacity, load factor, segment "
-             "size, bytes used, live owner processes, active watcher.  Tables that "
-             "cannot be opened are listed with the error.")
+    p = _add(sub, "ls", _cmd_ls, "list your tables on this host",
+             "List your tables on this host (every user's with --all): entries, "
+             "capacity, load factor, segment size, bytes used, live owner processes, "
+             "active watcher.  Tables that cannot be opened are listed with the error.")
+    p.add_argument("--all", action="store_true",
+                   help="every user's tables, with a USER column (another user's are "
+                        "opened only with --trust)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="print JSON (a list of objects)")
     g.add_argument("--prometheus", action="store_true",
@@ -718,7 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="VALUE is JSON, stored as the parsed value (dict, list, number, ...)")
     g.add_argument("--bytes", action="store_true", help="VALUE is bytes, given in hex")
-    p.add_argument("--ttl", type=float, metavar="SECONDS", help="expire after SECONDS")
+    p.add_argument("--ttl", type=float, metavar="SECONDS",
+                   help="expire after SECONDS (inf: never, as without --ttl)")
 
     p = _add(sub, "del", _cmd_del, "delete a key", "Delete KEY.  A missing key exits 1.")
     _key_args(p)
@@ -743,9 +848,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = _add(sub, "check", _cmd_check, "verify every invariant of a table",
-             "Verify every invariant of every shard (each under its lock).  "
-             "Exits 3 with the first broken invariant if the table is corrupt.")
+             "Verify every invariant of every shard (each under its lock) and every "
+             "lock word.  Exits 3 with the first broken invariant if the table is "
+             "corrupt.  A lock whose word names a thread that does not exist is "
+             "reported within about a second; --repair reinitialises such locks "
+             "(never one held by a live process, even a stopped one) and repairs "
+             "what they guarded.")
     p.add_argument("name", help="table name")
+    p.add_argument("--repair", action="store_true",
+                   help="reinitialise abandoned or invalid locks, then check")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = _add(sub, "flag", _cmd_flag, "show or flip feature flags (shmreg.recipes.Flags)",
@@ -809,6 +920,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chart", metavar="FILE.png", help="write a PNG chart (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    from shmreg.lint import report as lint_report
+    p = _add(sub, "lint", _cmd_lint, "find per-process state that diverges across prefork workers",
+             "Check Python sources (read with ast, nothing is imported) for module- and "
+             "class-level state that a function mutates at run time: each prefork worker "
+             "(gunicorn, uWSGI, Celery, multiprocessing) has its own copy, and they drift "
+             "apart silently.  Each finding names the shmreg replacement.  Settings come "
+             "from [tool.shmreg.lint] in the nearest pyproject.toml.  Exit codes: 0 clean, "
+             "1 findings, 2 usage error.  --list-rules shows the rules.")
+    lint_report.add_arguments(p)
     return ap
 
 

@@ -6,6 +6,8 @@ shmreg class mixes that builtin in, so both ``except shmreg.Error`` and the
 builtin work.
 """
 
+from __future__ import annotations
+
 __all__ = [
     "Error",
     "TableExistsError",
@@ -18,6 +20,7 @@ __all__ = [
     "AlreadyRegisteredError",
     "ConfigMismatchError",
     "ConfigMismatchWarning",
+    "UntrustedTableError",
 ]
 
 
@@ -51,6 +54,20 @@ class CorruptTableError(Error):
 
 class NoSpaceError(Error, OSError):
     """The shared-memory filesystem has no room for a new table of that size."""
+
+
+class UntrustedTableError(Error, PermissionError):
+    """The segment file of a table is not one this process agrees to use:
+    not a regular file, owned by another user, or writable by others when
+    no shared mode was asked for (see :class:`shmreg.Trust`).  The message
+    names the file, its owner, its mode and the fix; ``.owner_uid`` and
+    ``.mode`` hold the last two."""
+
+    owner_uid: int | None = None
+    mode: int | None = None
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class AlreadyRegisteredError(Error):

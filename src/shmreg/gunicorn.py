@@ -95,6 +95,7 @@ from shmreg.errors import (AlreadyRegisteredError, ConfigMismatchError, ConfigMi
                            Error, TableNotFoundError)
 from shmreg.registry import Registry
 from shmreg.table import DEFAULT_CAPACITY, Table, default_memory
+from shmreg.trust import Trust
 
 # Exactly the names gunicorn looks up as settings: a star import installs them.
 __all__ = ["on_starting", "post_fork", "worker_exit", "child_exit", "on_exit"]
@@ -104,12 +105,14 @@ _log = logging.getLogger("shmreg.gunicorn")
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A plain :class:`shmreg.Table` (geometry used when it is created)."""
+    """A plain :class:`shmreg.Table` (geometry used when it is created;
+    ``mode`` and ``trust`` as for :class:`shmreg.Table`)."""
 
     capacity: int | None = None
     memory: int | None = None
     shards: int | None = None
     mode: int = 0o600
+    trust: Trust | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class CacheSpec:
     ttl: float | None = 300.0
     capacity: int | None = None
     memory: int | None = None
+    mode: int = 0o600
+    trust: Trust | None = None
 
 
 Spec = Union[TableSpec, CacheSpec]
@@ -149,6 +154,8 @@ class Settings:
     required: bool = True
     strict: bool = False
     overcommit: bool = False
+    registry_mode: int = 0o600
+    registry_trust: Trust | None = None
 
 
 _configured: Settings | None = None
@@ -169,7 +176,8 @@ def _spec(name: str, spec: Any) -> Spec:
 
 def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str | None = AUTO,
               registry_capacity: int | None = None, temporary: bool = False,
-              required: bool = True, strict: bool = False, overcommit: bool = False) -> Settings:
+              required: bool = True, strict: bool = False, overcommit: bool = False,
+              registry_mode: int = 0o600, registry_trust: Trust | None = None) -> Settings:
     """Set what the hooks manage; call it in ``gunicorn.conf.py``.
 
     :param tables: ``{name: TableSpec(...) | CacheSpec(...) | "table" |
@@ -187,6 +195,9 @@ def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str |
         stops gunicorn (default: a warning naming both, the table is kept).
     :param overcommit: allow tables whose sizes add up to more than the free
         space of the segment filesystem (default: refused at start).
+    :param registry_mode: ``mode`` of the registry table (see :class:`shmreg.Table`).
+    :param registry_trust: :class:`shmreg.Trust` for the registry table
+        (tables and caches take theirs in their spec).
     :raises ValueError, TypeError: an invalid name or spec (at config load,
         so gunicorn refuses to start instead of failing later).
     """
@@ -200,7 +211,7 @@ def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str |
         if registry in specs:
             raise ValueError(f"{registry!r} is both the registry and a configured table")
     _configured = Settings(specs, registry, registry_capacity, bool(temporary), bool(required),
-                           bool(strict), bool(overcommit))
+                           bool(strict), bool(overcommit), registry_mode, registry_trust)
     return _configured
 
 
@@ -311,7 +322,7 @@ def _attach(kind: str, name: str, make: Any) -> Any:
     with _lock:
         obj = _objects.get((kind, name))
         if obj is None or _closed(obj):
-            obj = _objects[(kind, name)] = make()
+            obj = _objects[(kind, name)] = make()  # noqa: SHM101 - per-process handles on shared tables
         return obj
 
 
@@ -319,7 +330,8 @@ def _make_table(name: str) -> Table:
     spec = settings().tables.get(name)
     if spec is None:
         return Table(name)
-    return Table(name, capacity=spec.capacity, memory=spec.memory, shards=spec.shards, mode=spec.mode)
+    return Table(name, capacity=spec.capacity, memory=spec.memory, shards=spec.shards, mode=spec.mode,
+                 trust=spec.trust)
 
 
 def table(name: str) -> Table:
@@ -340,7 +352,8 @@ def _make_cache(name: str) -> Cache:
         return Cache(name)
     if isinstance(spec, TableSpec):
         raise ValueError(f"{name!r} is configured as a table, not a cache")
-    return Cache(name, ttl=spec.ttl, capacity=spec.capacity, memory=spec.memory)
+    return Cache(name, ttl=spec.ttl, capacity=spec.capacity, memory=spec.memory, mode=spec.mode,
+                 trust=spec.trust)
 
 
 def cache(name: str) -> Cache:
@@ -365,13 +378,28 @@ def registry() -> Registry:
     if name is None:
         raise RuntimeError("no registry configured (configure(registry=None))")
     cap, mem = _registry_geometry(s)
-    return _attach("registry", name, lambda: Registry(name, capacity=cap, memory=mem))
+    return _attach("registry", name, lambda: Registry(
+        name, capacity=cap, memory=mem, mode=s.registry_mode, trust=s.registry_trust))
 
 
 def _registry_geometry(s: Settings) -> tuple[int, int]:
     # One small entry per worker: 1,024 registrations in 1 MiB unless configured.
     cap = s.registry_capacity or 1024
     return cap, max(1 << 20, 512 * cap)
+
+
+def _sharing(name: str) -> dict:
+    """``mode``/``trust`` a managed table is opened with: its spec's (a
+    cache's single-flight table: the cache's), the registry's."""
+    s = settings()
+    spec = s.tables.get(name)
+    if spec is None and name.endswith("--flights"):
+        spec = s.tables.get(name[:-len("--flights")])
+    if spec is not None:
+        return {"mode": spec.mode, "trust": spec.trust}
+    if name == registry_name():
+        return {"mode": s.registry_mode, "trust": s.registry_trust}
+    return {"mode": 0o600, "trust": None}
 
 
 def worker_key(pid: int | None = None) -> str:
@@ -430,7 +458,7 @@ def check_space(s: Settings | None = None, existing: Iterable[str] | None = None
     s = settings() if s is None else s
     if s.overcommit:
         return
-    have = set(_segment.list_tables() if existing is None else existing)
+    have = set(_segment.list_tables(all_users=True) if existing is None else existing)
     sizes = {n: b for n, b in _planned_sizes(s).items() if n not in have}
     if not sizes:
         return
@@ -469,7 +497,7 @@ def _existing_tables(log: Any) -> list:
         t = _managed.get(name)
         if t is None or t.closed:
             try:
-                t = _managed[name] = Table.open(name)
+                t = _managed[name] = Table.open(name, **_sharing(name))  # noqa: SHM101 - this process's handles
             except TableNotFoundError:
                 continue
             except Exception:
@@ -509,7 +537,7 @@ def _stop(server: Any, created: list, message: str) -> None:
     _logger(server).error("%s", message)
     for name in created:
         try:
-            _segment.unlink(name)
+            _segment.unlink(name)   # just created by this process: its own file
         except Exception:
             pass
     _close_all()
@@ -536,7 +564,7 @@ def on_starting(server: Any) -> None:
         return
     _unavailable.clear()
     reg = registry_name(server)
-    existing = set(_segment.list_tables())
+    existing = set(_segment.list_tables(all_users=True))   # whoever owns them
     created: list = []
     try:
         check_space(s, existing)
@@ -561,10 +589,10 @@ def on_starting(server: Any) -> None:
             if s.required or isinstance(e, ConfigMismatchError):
                 _stop(server, created, message)
             log.error("%s (required=False: serving without it)", message)
-            _unavailable[name] = why
+            _unavailable[name] = why  # noqa: SHM101 - set in the arbiter before the fork, inherited
             continue
         for n, t in opened:
-            _managed[n] = t
+            _managed[n] = t  # noqa: SHM101 - the arbiter's own handles on the shared tables
             if n not in existing:
                 created.append(n)
         t = opened[0][1]

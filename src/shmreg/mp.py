@@ -31,6 +31,7 @@ called :func:`attach`.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 from shmreg._names import did_you_mean
 from shmreg.errors import TableNotFoundError
 from shmreg.table import Table
+from shmreg.trust import Trust
 
 __all__ = ["attach", "table", "tables", "detach", "pool_kwargs"]
 
@@ -46,20 +48,23 @@ _names: tuple = ()                 # what this process (or an ancestor) attached
 _tables: dict[str, Table] = {}     # opened by _pid
 _pid: int | None = None
 _error: BaseException | None = None   # a pool worker's failed attach, raised by table()
+_options: dict[str, Any] = {}         # the mode/trust the attached set was opened with
 
 
-def _open(name: str) -> Table:
+def _open(name: str, mode: int = 0o600, trust: Trust | None = None) -> Table:
     try:
-        return Table.open(name)
+        return Table.open(name, mode=mode, trust=trust)
     except TableNotFoundError as e:
         raise TableNotFoundError(e.errno, f"no table named {name!r}{did_you_mean(name)}",
                                  e.filename) from None
 
 
-def attach(*names: str) -> Table:
+def attach(*names: str, mode: int = 0o600, trust: Trust | None = None) -> Table:
     """Attach this process to the existing tables ``names`` and return the
     first (a ``Pool`` initializer: ``Pool(initializer=shmreg.mp.attach,
-    initargs=(name, ...))``).
+    initargs=(name, ...))``).  ``mode`` and ``trust``: as for
+    :meth:`Table.open` (tables shared with other users; :func:`pool_kwargs`
+    passes them on).
 
     Opens, never creates: a worker must not create a table of its own under a
     typo'd name.  Calling it again with the same names returns the same
@@ -72,27 +77,29 @@ def attach(*names: str) -> Table:
     >>> shmreg.mp.attach("jobs").name
     'jobs'
     """
-    global _names, _tables, _pid, _error
+    global _names, _tables, _pid, _error, _options
     if not names:
         raise TypeError("attach() needs at least one table name")
     pid = os.getpid()
+    options = {"mode": mode, "trust": trust}
     with _lock:
-        have = dict(_tables) if _pid == pid else {}
+        # Handles opened under other sharing options are not reused.
+        have = dict(_tables) if _pid == pid and _options == options else {}
     opened = {}
     for name in dict.fromkeys(names):
         t = have.get(name)
-        opened[name] = t if t is not None and not t.closed else _open(name)
+        opened[name] = t if t is not None and not t.closed else _open(name, mode, trust)
     with _lock:
-        _names, _tables, _pid, _error = tuple(opened), opened, pid, None
+        _names, _tables, _pid, _error, _options = tuple(opened), opened, pid, None, options
     return opened[names[0]]
 
 
-def _pool_initializer(*names: str) -> None:
+def _pool_initializer(*names: str, mode: int = 0o600, trust: Trust | None = None) -> None:
     # An initializer that raises makes a Pool start a new worker, which
     # raises again, forever: keep the error for the first task instead.
     global _error
     try:
-        attach(*names)
+        attach(*names, mode=mode, trust=trust)
     except Exception as e:
         _error = e
 
@@ -115,7 +122,7 @@ def table(name: str | None = None) -> Table:
     if _error is not None:
         raise _error
     with _lock:
-        names = _names
+        names, options = _names, _options
     if not names:
         raise RuntimeError("no shmreg table attached in this process: start the pool with "
                            "Pool(**shmreg.mp.pool_kwargs(name, ...)) "
@@ -124,41 +131,46 @@ def table(name: str | None = None) -> Table:
         raise RuntimeError(f"table {name!r} is not attached in this process (attached: "
                            f"{', '.join(map(repr, names))}): add it to pool_kwargs()/attach()")
     if _pid != os.getpid():
-        attach(*names)
+        attach(*names, **options)
     return _tables[name if name is not None else names[0]]
 
 
 def tables() -> dict[str, Table]:
     """``{name: Table}`` of every attached table (re-attaching in a fork child)."""
     if _pid != os.getpid() and _names:
-        attach(*_names)
+        attach(*_names, **_options)
     return dict(_tables) if _pid == os.getpid() else {}
 
 
 def detach() -> None:
     """Forget (and close, if this process opened them) the attached tables."""
-    global _names, _tables, _pid, _error
+    global _names, _tables, _pid, _error, _options
     with _lock:
         old, pid = _tables, _pid
-        _names, _tables, _pid, _error = (), {}, None, None
+        _names, _tables, _pid, _error, _options = (), {}, None, None, {}
     if pid == os.getpid():
         for t in old.values():
             t.close()
 
 
-def pool_kwargs(*names: str) -> dict[str, Any]:
+def pool_kwargs(*names: str, mode: int = 0o600, trust: Trust | None = None) -> dict[str, Any]:
     """``initializer``/``initargs`` for ``Pool(**pool_kwargs(name, ...))`` or
-    ``ProcessPoolExecutor(**pool_kwargs(name, ...))``.
+    ``ProcessPoolExecutor(**pool_kwargs(name, ...))``; ``mode`` and ``trust``
+    go to :func:`attach`.
 
-    Checks here, in the parent, that every table exists, so a typo fails
-    before any worker starts.
+    Checks here, in the parent, that every table exists (and is one to
+    trust), so a typo fails before any worker starts.
 
     :raises TableNotFoundError: a table does not exist (naming close matches).
+    :raises UntrustedTableError: a table's segment is not one to trust.
 
     >>> pool = multiprocessing.Pool(4, **shmreg.mp.pool_kwargs("jobs"))
     """
     if not names:
         raise TypeError("pool_kwargs() needs at least one table name")
     for name in names:
-        _open(name).close()
-    return {"initializer": _pool_initializer, "initargs": tuple(names)}
+        _open(name, mode, trust).close()
+    if mode == 0o600 and trust is None:
+        return {"initializer": _pool_initializer, "initargs": tuple(names)}
+    return {"initializer": functools.partial(_pool_initializer, mode=mode, trust=trust),
+            "initargs": tuple(names)}

@@ -15,6 +15,7 @@ from shmreg import _proc
 from shmreg._core import MISSING, Registration
 from shmreg.errors import AlreadyRegisteredError
 from shmreg.table import Table
+from shmreg.trust import Trust
 
 __all__ = ["Registry", "Registration"]
 
@@ -25,6 +26,10 @@ class Registry:
     :param name: table name (the registry's own table; opened or created).
     :param capacity: registrations it is sized for (when it creates the table).
     :param memory: item bytes (when it creates the table).
+    :param mode: file mode when it creates the table, the sharing accepted
+        when it opens one (default ``0o600``); see :class:`~shmreg.Table`.
+    :param trust: other users and groups whose table it accepts
+        (:class:`~shmreg.Trust`; default none).
 
     >>> reg = Registry("doc-workers", capacity=1000)
     >>> reg.register("worker:1", {"port": 8001})
@@ -33,8 +38,9 @@ class Registry:
     >>> reg.table.unlink()
     """
 
-    def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None) -> None:
-        self.table = Table(name, capacity=capacity, memory=memory)
+    def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
+                 mode: int = 0o600, trust: Trust | None = None) -> None:
+        self.table = Table(name, capacity=capacity, memory=memory, mode=mode, trust=trust)
         # The two hot reads go straight to the C implementation (no Python
         # frame in between); the methods below document them.
         self.lookup = self.table._registration  # type: ignore[method-assign]

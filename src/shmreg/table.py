@@ -13,6 +13,7 @@ from shmreg import _core, _segment
 from shmreg._core import MISSING
 from shmreg.errors import (ConfigMismatchError, ConfigMismatchWarning, CorruptTableError,
                            TableExistsError, TableNotFoundError)
+from shmreg.trust import Trust, check_mode, check_trust
 
 __all__ = ["Table", "DEFAULT_CAPACITY", "default_memory", "unlink", "list_tables", "temporary"]
 
@@ -41,6 +42,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _reopen(name: str, mode: int, trust: Trust | None) -> "Table":
+    # How a pickled Table comes back in a spawn/forkserver child.
+    return Table.open(name, mode=mode, trust=trust)
+
+
+
+
 class Table(_core.CoreTable):
     """A hash table in shared memory, attached by name from any process of
     this user on this host.
@@ -52,8 +60,10 @@ class Table(_core.CoreTable):
     (:class:`ConfigMismatchWarning`) about options that differ from it.
 
     Keys are ``str``, ``bytes`` or ``int`` (the type is part of the key:
-    ``1`` and ``"1"`` differ).  Values are ``bytes``, ``str``, ``int``,
-    ``float``, ``bool``, ``None`` natively and anything picklable through
+    ``1`` and ``"1"`` differ; a subclass counts as its base type, as in a
+    dict: ``True`` is the key ``1``, and keys read back as the base type).
+    Values are ``bytes``, ``str``, ``int``, ``float``, ``bool``, ``None``
+    natively and anything picklable through
     pickle; they read back equal and of the same type.
 
     Concurrency: single-key operations are atomic and isolated in every
@@ -63,7 +73,15 @@ class Table(_core.CoreTable):
     :param capacity: entries the table is sized for (default 65,536).
     :param memory: bytes for keys and values (default ``default_memory``).
     :param shards: power of two, default chosen from capacity and memory.
-    :param mode: file mode of the segment (default ``0o600``: this user).
+    :param mode: file mode of the segment when this call creates it, and the
+        sharing this call accepts when it opens one (default ``0o600``: this
+        user only; ``0o660``: also your group; ``0o666``: every user).
+    :param trust: other users and groups whose tables you accept (see
+        :class:`~shmreg.Trust`); default: none.  A segment that is not a
+        regular file, is owned by someone else, or is writable beyond
+        ``mode`` raises :class:`~shmreg.UntrustedTableError`.  Pickled
+        values of a table others can write come back as opaque
+        :class:`~shmreg.PickledValue` unless ``Trust(unpickle=True)``.
     :param clock: for tests: a callable returning monotonic seconds, used
         for TTLs instead of ``CLOCK_MONOTONIC``.
     :param strict: an existing table whose geometry differs from an explicit
@@ -78,10 +96,15 @@ class Table(_core.CoreTable):
     """
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
-                 shards: int | None = None, mode: int = 0o600,
+                 shards: int | None = None, mode: int = 0o600, trust: Trust | None = None,
                  clock: Callable[[], float] | None = None, strict: bool = False,
                  _how: str = "auto", _clock_bits: bool = False) -> None:
         self.name = _segment.check_name(name)
+        #: The sharing accepted at open (and the mode given at creation).
+        self.mode = check_mode(mode)
+        #: The :class:`~shmreg.Trust` this table was opened with (None: nobody else).
+        self.trust = trust
+        checked = check_trust(trust)
         if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
             raise TypeError("capacity must be an int")
         if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool)):
@@ -91,7 +114,7 @@ class Table(_core.CoreTable):
         while True:
             if _how in ("auto", "open"):
                 try:
-                    fd = _segment.open_fd(name)
+                    fd, unpickle = _segment.open_fd(name, mode=mode, trust=checked)
                 except TableNotFoundError:
                     if _how == "open":
                         raise
@@ -100,6 +123,7 @@ class Table(_core.CoreTable):
                         self._attach(fd, clock)
                     finally:
                         os.close(fd)
+                    self.allow_pickle = unpickle
                     break
             cap = DEFAULT_CAPACITY if capacity is None else capacity
             mem = default_memory(cap) if memory is None else memory
@@ -120,9 +144,14 @@ class Table(_core.CoreTable):
         return cls(name, _how="create", **options)
 
     @classmethod
-    def open(cls, name: str, *, clock: Callable[[], float] | None = None) -> "Table":
-        """Open an existing table; :raises TableNotFoundError: there is none."""
-        return cls(name, clock=clock, _how="open")
+    def open(cls, name: str, *, mode: int = 0o600, trust: Trust | None = None,
+             clock: Callable[[], float] | None = None) -> "Table":
+        """Open an existing table (``mode`` and ``trust`` as for :class:`Table`).
+
+        :raises TableNotFoundError: there is none.
+        :raises UntrustedTableError: its segment is not one to trust.
+        """
+        return cls(name, mode=mode, trust=trust, clock=clock, _how="open")
 
     @staticmethod
     def temporary(label: str = "", **options: Any) -> "contextlib.AbstractContextManager[Table]":
@@ -138,7 +167,7 @@ class Table(_core.CoreTable):
 
     def unlink(self) -> None:
         """Remove the table's name; attached processes keep working until they close."""
-        _segment.unlink(self.name)
+        unlink(self.name, trust=self.trust)
 
     def __enter__(self) -> "Table":
         return self
@@ -148,7 +177,7 @@ class Table(_core.CoreTable):
 
     def __reduce__(self):
         # Pickled for a spawn/forkserver child: the child attaches by name.
-        return (Table.open, (self.name,))
+        return (_reopen, (self.name, self.mode, self.trust))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self)} entries"
@@ -250,10 +279,8 @@ class Table(_core.CoreTable):
     def owner(self, key: Any) -> int | None:
         """Pid of the live process that owns ``key``; None if the entry is not
         owned.  :raises KeyError: absent (or its owner is dead)."""
-        value_owner = self._get_owned(key, MISSING)
-        if value_owner is MISSING:
-            raise KeyError(key)
-        return self._owner_pid(value_owner[1]) if value_owner[1] else None
+        owner = self._owner_of(key)      # (never decodes, so never unpickles, the value)
+        return self._owner_pid(owner) if owner else None
 
     def _owner_ids(self, pid: int) -> set:
         if not isinstance(pid, int) or isinstance(pid, bool):
@@ -337,15 +364,30 @@ class Table(_core.CoreTable):
             "layout": h["layout"],
         }
 
-    def check(self) -> None:
+    def check(self, *, repair: bool = False) -> list | None:
         """Verify every invariant of every shard (each under its lock): index
-        <-> items, allocator accounting and free lists, counts, no odd seq
-        without a lock holder.  :raises CorruptTableError: naming the first
-        broken invariant."""
+        <-> items, allocator accounting and free lists, every derived count,
+        no odd seq without a lock holder, and every lock word sane.
+
+        A lock word that names a thread which does not exist (or is not a
+        valid robust mutex) is corruption: reported within about a second,
+        never waited on forever.  With ``repair=True`` such locks are first
+        reinitialised and what they guarded repaired (a lock held by a live
+        thread, even a stopped one, is never touched); the names of the
+        repaired locks are returned (None without ``repair``).
+
+        :raises CorruptTableError: naming the first broken invariant.
+        """
+        repaired = self._repair_locks() if repair else []
+        problems = self._lock_problems()
+        if problems:
+            raise CorruptTableError(problems[0] + "; `shmreg check --repair` "
+                                    "(Table.check(repair=True)) reinitialises it")
         for si in range(self.nshards):
             msg = self._check_shard(si)
             if msg:
                 raise CorruptTableError(msg)
+        return repaired if repair else None
 
 
 def _check_config(t: Table, capacity: int | None, memory: int | None, shards: int | None,
@@ -416,7 +458,7 @@ def temporary(label: str = "", **options: Any) -> Iterator[Table]:
     and ``shmreg clean`` removes it.  Other processes attach by ``t.name``.
 
     :param label: appended to the name (letters, digits, ``_.-``).
-    :param options: ``capacity``, ``memory``, ``shards``, ``mode`` ... as for
+    :param options: ``capacity``, ``memory``, ``shards``, ``mode``, ``trust`` ... as for
         :class:`Table`.
 
     >>> with shmreg.temporary("batch", capacity=1000) as t:
@@ -435,11 +477,20 @@ def temporary(label: str = "", **options: Any) -> Iterator[Table]:
         t.close()
 
 
-def unlink(name: str) -> None:
-    """Remove table ``name`` (see :meth:`Table.unlink`)."""
-    _segment.unlink(name)
+def unlink(name: str, *, trust: Trust | None = None) -> None:
+    """Remove table ``name`` (see :meth:`Table.unlink`).
+
+    :raises TableNotFoundError: no such table.
+    :raises UntrustedTableError: the file is another user's, not named in ``trust``.
+    """
+    _segment.unlink(name, trust=check_trust(trust))
+    # A closed table kept mapped only for this process's liveness lock can
+    # go now that nobody new can attach.
+    _core._release_unlinked()
 
 
-def list_tables() -> list:
-    """Names of the tables on this host, sorted."""
-    return _segment.list_tables()
+def list_tables(*, all_users: bool = False) -> list:
+    """Names of your tables on this host (segment files owned by your
+    effective uid), sorted; with ``all_users``, every user's (including
+    files at a table's name that are not tables)."""
+    return _segment.list_tables(all_users=all_users)

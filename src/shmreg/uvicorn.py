@@ -53,6 +53,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 from shmreg import gunicorn as _g
 from shmreg.gunicorn import (AUTO, CacheSpec, Settings, TableSpec, cache, registry, table,
                              worker_key)
+from shmreg.trust import Trust
 from shmreg.watcher import Watcher
 
 __all__ = ["configure", "start_worker", "stop_worker", "wrap", "table", "cache", "registry",
@@ -79,10 +80,11 @@ def default_registry_name() -> str:
 
 def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str | None = AUTO,
               registry_capacity: int | None = None, temporary: bool = False,
-              watch_interval: float | None = 1.0) -> Settings:
+              watch_interval: float | None = 1.0, registry_mode: int = 0o600,
+              registry_trust: Trust | None = None) -> Settings:
     """Set what the workers share; call it at import of the app module.
 
-    :param tables, registry, registry_capacity, temporary: as
+    :param tables, registry, registry_capacity, temporary, registry_mode, registry_trust: as
         :func:`shmreg.gunicorn.configure` (``temporary``: the last worker to
         stop unlinks the tables).
     :param watch_interval: seconds between the workers' watcher sweeps;
@@ -93,7 +95,8 @@ def configure(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str |
         registry = default_registry_name()
     _watch_interval = watch_interval
     return _g.configure(tables, registry=registry, registry_capacity=registry_capacity,
-                        temporary=temporary)
+                        temporary=temporary, registry_mode=registry_mode,
+                        registry_trust=registry_trust)
 
 
 def start_worker() -> None:
@@ -114,7 +117,7 @@ def start_worker() -> None:
     if _watch_interval is None:
         return
     for name, t in _g._existing_tables(_log):
-        _watchers.append(Watcher(t, on_death=_reporter(name), interval=_watch_interval).start())
+        _watchers.append(Watcher(t, on_death=_reporter(name), interval=_watch_interval).start())  # noqa: SHM101 - this process's threads
 
 
 def _reporter(name: str) -> Callable[[int, list], None]:

@@ -63,6 +63,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from shmreg import gunicorn as _g
 from shmreg.gunicorn import (AUTO, CacheSpec, Settings, StartupError, TableSpec, UnavailableError,
                              cache, registry, table, worker_key)
+from shmreg.trust import Trust
 from shmreg.watcher import Watcher
 
 __all__ = ["setup", "table", "cache", "registry", "worker_key", "TableSpec", "CacheSpec",
@@ -135,13 +136,14 @@ def default_registry_name() -> str:
 
 def setup(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str | None = AUTO,
           registry_capacity: int | None = None, required: bool = True, strict: bool = False,
-          overcommit: bool = False, watch_interval: float | None = 1.0) -> Settings:
+          overcommit: bool = False, watch_interval: float | None = 1.0,
+          registry_mode: int = 0o600, registry_trust: Trust | None = None) -> Settings:
     """Configure and open the tables (in the master), and install the
     ``postfork`` and ``atexit`` hooks.  Call it once, at import of the WSGI
     module.
 
-    :param tables, registry, registry_capacity, required, strict, overcommit:
-        as :func:`shmreg.gunicorn.configure`.
+    :param tables, registry, registry_capacity, required, strict, overcommit,
+        registry_mode, registry_trust: as :func:`shmreg.gunicorn.configure`.
     :param watch_interval: seconds between the workers' watcher sweeps;
         ``None``: no watchers (reap with ``shmreg watch`` or your own).
     :raises StartupError: the configuration cannot be satisfied.
@@ -157,7 +159,8 @@ def setup(tables: Mapping[str, Any] | Iterable[str] = (), *, registry: str | Non
     if registry == AUTO:
         registry = default_registry_name()
     settings = _g.configure(tables, registry=registry, registry_capacity=registry_capacity,
-                            required=required, strict=strict, overcommit=overcommit)
+                            required=required, strict=strict, overcommit=overcommit,
+                            registry_mode=registry_mode, registry_trust=registry_trust)
     _watch_interval = watch_interval
     _g.on_starting(_server)
     uwsgidecorators.postfork(_postfork)
@@ -196,7 +199,7 @@ def _postfork() -> None:
             return   # a mule or the spooler: no reaping duty
         for t in tables:
             try:
-                _watchers.append(Watcher(t, on_death=_reporter(t.name), interval=_watch_interval).start())
+                _watchers.append(Watcher(t, on_death=_reporter(t.name), interval=_watch_interval).start())  # noqa: SHM101 - this process's threads
             except Exception:
                 _server.log.exception("shmreg: worker %d cannot watch table %r", os.getpid(), t.name)
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from shmreg import _proc
 from shmreg.table import Table
+from shmreg.trust import Trust
 
 __all__ = ["Watcher"]
 
@@ -121,16 +122,22 @@ class Watcher:
     :param interval: seconds between sweeps (liveness check of every owner,
         purge of expired entries).  Deaths are noticed between sweeps too,
         as they happen.
+    :param mode: with a name: the sharing accepted (see :meth:`Table.open`).
+    :param trust: with a name: other users and groups whose table is
+        accepted (:class:`~shmreg.Trust`).  ``on_death`` then gets their
+        pickled values as opaque :class:`~shmreg.PickledValue` unless
+        ``Trust(unpickle=True)``.
 
     >>> with Watcher("jobs"):          # active (or standby) in a daemon thread
     ...     run_the_app()
     """
 
     def __init__(self, table_or_name: Table | str, *, on_death: OnDeath | None = log_death,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, mode: int = 0o600, trust: Trust | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
-        self.table = table_or_name if isinstance(table_or_name, Table) else Table.open(table_or_name)
+        self.table = table_or_name if isinstance(table_or_name, Table) else \
+            Table.open(table_or_name, mode=mode, trust=trust)
         self.on_death = on_death
         self.interval = interval
         self.reaped_processes = 0
@@ -177,20 +184,32 @@ class Watcher:
         self.stop()
 
     def run_forever(self) -> None:
-        """Wait for the lease (as a standby), then watch until :meth:`stop`."""
-        while not self._stop.is_set():
-            if self.table._lease(250):
-                break
-        else:
-            return
+        """Wait for the lease (as a standby), then watch until :meth:`stop`
+        (or until the table is closed under it: then it stops quietly and
+        hands the lease on)."""
+        try:
+            while not self._stop.is_set():
+                if self.table._lease(250):
+                    break
+            else:
+                return
+        except ValueError:
+            if self.table.closed:
+                return   # closed while standing by
+            raise
         self._active.set()
         self._poller = _Poller()
         try:
             self._loop()
+        except ValueError:
+            if not self.table.closed:
+                raise
+            log.info("table %r was closed: watcher stops", self.table.name)
         finally:
             self._active.clear()
             self._poller.close()
             self._poller = None
+            # Works on a closed table: the held lease keeps the mapping.
             self.table._unlease()
 
     # -- work --------------------------------------------------------------------
