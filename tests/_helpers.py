@@ -47,3 +47,26 @@ def wait_until(pred, timeout: float = 10.0, what: str = "condition", interval: f
     from shmreg.testing import wait_for
 
     return wait_for(pred, timeout=timeout, interval=interval, message=what)
+
+
+def layout_struct(struct_name: str, fields) -> tuple:
+    """``(struct format, {field: (offset, format)})`` for the named fields of a
+    segment struct, in order, with pad bytes between them: built from
+    ``shmreg._core.LAYOUT`` (generated from engine/shm_layout.h), so the
+    tests never spell the layout out themselves."""
+    import struct as _struct
+
+    from shmreg import _core
+
+    codes = {1: "B", 2: "H", 4: "I", 8: "Q"}
+    fmt, pos, offsets = "<", 0, {}
+    for field in fields:
+        off, size = _core.LAYOUT[f"{struct_name}.{field}"]
+        assert off >= pos, f"{struct_name}.{field} out of order"
+        if off > pos:
+            fmt += f"{off - pos}x"
+        fmt += codes[size]
+        offsets[field] = (off, "<" + codes[size])
+        pos = off + size
+    assert _struct.calcsize(fmt) == pos
+    return fmt, offsets

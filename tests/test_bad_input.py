@@ -13,18 +13,13 @@ import pytest
 
 import shmreg
 from shmreg import _core
-from _helpers import spawn_py, unique_name
+from _helpers import layout_struct, spawn_py, unique_name
 
-# shm_header_t (src/shmreg/_shm.h), little endian, up to creator_pid.
-HEADER_FMT = "<QIIQIIIIQQQQQQQQQIIIIQ"
+# shm_header_t up to creator_pid (offsets from engine/shm_layout.h via _core.LAYOUT).
 HEADER_FIELDS = ("magic layout header_size total_size nshards shard_bits slots max_fill "
                  "arena_size capacity memory seed0 seed1 procs_off shards_off index_off "
                  "arena_off nprocs proc_size shard_size bins creator_pid").split()
-FIELD_OFFSET = {}
-_off = 0
-for _name, _code in zip(HEADER_FIELDS, HEADER_FMT[1:]):
-    FIELD_OFFSET[_name] = (_off, "<" + _code)
-    _off += struct.calcsize(_code)
+HEADER_FMT, FIELD_OFFSET = layout_struct("header", HEADER_FIELDS)
 
 
 def segment_path(name: str) -> str:
@@ -407,9 +402,8 @@ def test_file_size_mismatch(table_name, delta):
 
 # -- a corrupt item header ---------------------------------------------------------------------
 
-# shm_item_t: u32 size, u16 klen, u8 types, u8 flags, u32 vlen, u32 owner, u64 expires.
-ITEM_FIELDS = {"size": (0, "<I"), "klen": (4, "<H"), "types": (6, "<B"), "flags": (7, "<B"),
-               "vlen": (8, "<I"), "owner": (12, "<I"), "expires": (16, "<Q")}
+# shm_item_t's fields (offsets from engine/shm_layout.h via _core.LAYOUT).
+ITEM_FIELDS = layout_struct("item", "size klen types flags vlen owner expires".split())[1]
 
 ITEM_CORRUPTOR = r"""
 import faulthandler, mmap, os, struct, sys
@@ -520,8 +514,8 @@ import shmreg
 name, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 HEADER_FMT = sys.argv[4]
 SHARD_SIZE = shmreg._core.SHARD_STRUCT_SIZE
-LOCK_BYTES = 64                 # the pthread mutex: not ours to corrupt
-TOP_OFF = LOCK_BYTES + 16       # shm_shard_t.top (after seq, flags)
+LOCK_BYTES = shmreg._core.LAYOUT["shard.lock"][1]   # the pthread mutex: not ours to corrupt
+TOP_OFF = shmreg._core.LAYOUT["shard.top"][0]
 ALLOWED = (shmreg.Error, KeyError, ValueError, TypeError)
 
 path = shmreg.Table.open(name).path

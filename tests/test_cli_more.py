@@ -21,7 +21,7 @@ import time
 import pytest
 
 import shmreg
-from shmreg import _segment, metrics
+from shmreg import _core, _segment, metrics
 from _helpers import run_py, spawn_py
 
 HELP_COMMANDS = ("ls", "stat", "dump", "get", "set", "del", "watch", "reap", "check", "top",
@@ -390,8 +390,8 @@ def test_reap_by_pid_and_all_dead(table):
 
 # -- check ---------------------------------------------------------------------------------------
 
-HEADER_PREFIX = "<QIIQIIIIQQQQQQQ"   # magic .. shards_off (see _shm.h shm_header_t)
-SHARD_USED_OFFSET = 64 + 8 + 8 + 8   # lock, seq, flags, top, then `used`
+SHARDS_OFF = _core.LAYOUT["header.shards_off"][0]   # (engine/shm_layout.h)
+SHARD_USED_OFFSET = _core.LAYOUT["shard.used"][0]
 
 
 def test_check_ok_then_corrupt_exits_3(table_name):
@@ -402,7 +402,7 @@ def test_check_ok_then_corrupt_exits_3(table_name):
     assert ok.returncode == 0 and ok.stdout.startswith(f"ok: table {table_name!r} passed")
     assert json.loads(okj.stdout) == {"table": table_name, "ok": True, "entries": 2, "shards": 1}
     with open(_segment.path_of(table_name), "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
-        shards_off = struct.unpack_from(HEADER_PREFIX, mm, 0)[-1]
+        (shards_off,) = struct.unpack_from("<Q", mm, SHARDS_OFF)
         struct.pack_into("<Q", mm, shards_off + SHARD_USED_OFFSET, 12345)
     bad, badj = shmreg_many([["check", table_name], ["check", table_name, "--json"]])
     line = one_line_error(bad, 3)

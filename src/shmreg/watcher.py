@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -187,6 +188,11 @@ class Watcher:
         """Wait for the lease (as a standby), then watch until :meth:`stop`
         (or until the table is closed under it: then it stops quietly and
         hands the lease on)."""
+        if threading.current_thread() is not threading.main_thread() and hasattr(signal, "pthread_sigmask"):
+            # Process-directed signals belong to the application's threads
+            # (servers like uWSGI rely on which thread takes them); Python
+            # runs its handlers in the main thread regardless.
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             while not self._stop.is_set():
                 if self.table._lease(250):

@@ -77,7 +77,8 @@ uint64_t shm_alloc_block(shm_view_t *v, uint32_t si, uint64_t need) {
             steps++;
         }
     }
-    if (sh->top <= v->arena_size && need <= v->arena_size - sh->top) {
+    /* top is untrusted too: a misaligned one would carve a misaligned block. */
+    if (!(sh->top & 7) && sh->top <= v->arena_size && need <= v->arena_size - sh->top) {
         uint64_t cur = sh->top;
         shm_store_rlx((uint64_t *)(ar + cur), shm_word0(need, 0, 0, SHM_BLOCK_USED));
         shm_fence_rel();

@@ -118,6 +118,8 @@ void shm_check_shard(const shm_view_t *v, uint32_t si, shm_check_t *e) {
         if (cur != SHM_NIL && !(sh->binmap & (1ULL << b))) FAIL(SHM_CHK_BINMAP, b, cur);
         while (cur != SHM_NIL) {
             size_t lo = block_index(blocks, nb, cur);
+            /* Seen in a list already: this list loops (or two lists share a tail). */
+            if (lo < nb && blocks[lo] == cur && mark[lo] == 2) FAIL(SHM_CHK_LIST_CYCLE, b, cur);
             if (lo == nb || blocks[lo] != cur || mark[lo] || (((const shm_item_t *)(ar + cur))->flags & SHM_BLOCK_USED))
                 FAIL(SHM_CHK_LIST_BAD, b, cur);
             if (shm_bin_of(((const shm_item_t *)(ar + cur))->size) != b) FAIL(SHM_CHK_WRONG_LIST, cur, b);

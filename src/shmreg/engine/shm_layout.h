@@ -168,7 +168,8 @@ _Static_assert(SHM_NPROCS <= 4095, "slot + 1 fits the owner id's 12 bits");
     X(header, arena_size) X(header, capacity) X(header, memory) X(header, seed0) \
     X(header, seed1) X(header, procs_off) X(header, shards_off) X(header, index_off) \
     X(header, arena_off) X(header, nprocs) X(header, proc_size) X(header, shard_size) \
-    X(header, bins) X(header, table_flags) X(header, procs_lock) X(header, lease_lock) \
+    X(header, bins) X(header, creator_pid) X(header, table_flags) X(header, procs_lock) \
+    X(header, lease_lock) \
     X(proc, state) X(proc, gen) X(proc, pid) X(proc, start_time) X(proc, kind) X(proc, alive) \
     X(shard, lock) X(shard, seq) X(shard, flags) X(shard, top) X(shard, used) X(shard, count) \
     X(shard, tombs) X(shard, nttl) X(shard, nowned) X(shard, binmap) X(shard, hand) \

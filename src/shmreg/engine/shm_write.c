@@ -351,11 +351,16 @@ void shm_clear_shard(shm_view_t *v, uint32_t si) {
     uint64_t *ix = shm_index(v, si);
     shm_seq_begin(&sh->seq);
     /* Index first (slot by slot, each store atomic), then the arena: a crash
-     * in between leaves unreferenced blocks, which the repair frees. */
+     * in between leaves unreferenced blocks, which the repair frees.  Two
+     * passes: entries become tombstones first, so that a death midway never
+     * leaves an entry behind an EMPTY slot of its probe chain (unreachable,
+     * yet counted: the repair trusts the index); only then, with no entry
+     * left, do the tombstones become EMPTY. */
     for (uint32_t i = 0; i < v->slots; i++) {
-        shm_store_rlx(&ix[i], SHM_SLOT_EMPTY);
+        if ((ix[i] & SHM_SLOT_OFFMASK) != SHM_SLOT_EMPTY) shm_store_rlx(&ix[i], SHM_SLOT_TOMB);
         if (i == v->slots / 2) SHM_CRASH_POINT(CLEAR_HALF);
     }
+    for (uint32_t i = 0; i < v->slots; i++) shm_store_rlx(&ix[i], SHM_SLOT_EMPTY);
     shm_seq_end(&sh->seq);
     sh->top = 0;
     sh->binmap = 0;
