@@ -1,6 +1,8 @@
 """Shared setup for the shmreg benchmarks (pytest-benchmark suite and report.py).
 
-One data set for every backend, so every number compares the same keys:
+One data set for every backend, so every number compares the same keys;
+it is ``shmreg._benchdata.Dataset``, the one ``shmreg bench`` uses, with
+the same operation names (get-hit, get-miss, set, update_counter):
 100,000 entries of 16-byte keys and 64-byte values, 1,000 hit keys sampled
 from them, 1,000 keys that are absent, 1,000 counter keys (16 bytes, start
 at 0).  Every timed function runs ``OPS`` (1,000) operations, so a time is
@@ -27,9 +29,7 @@ Backends:
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -38,60 +38,39 @@ import time
 from typing import Callable
 
 import shmreg
+from shmreg import _benchdata
 
 N_ENTRIES = 100_000
-KEY_LEN = 16
-VALUE_LEN = 64
+KEY_LEN = _benchdata.KEY_BYTES
+VALUE_LEN = _benchdata.VALUE_BYTES
 OPS = 1_000                     # operations per timed call
 TABLE_CAPACITY = 110_000        # the speed table: entries + counters + headroom
-SEED = 20_240_601
+SEED = _benchdata.SEED
 
 BACKENDS = ("dict", "shmreg", "lmdb", "redis")
-OPERATIONS = ("get-hit", "get-miss", "set-overwrite", "update_counter")
+#: The same names as ``shmreg bench`` (one definition: shmreg._benchdata).
+OPERATIONS = _benchdata.OPERATIONS
 
 #: Filled in by the pytest benchmarks (``(operation, backend) -> ns/op``)
 #: and printed by the conftest's terminal summary.
 RESULTS: dict = {}
 NOTES: list = []
 
-
-def _key(tag: bytes, i: int) -> bytes:
-    return hashlib.blake2b(tag + i.to_bytes(8, "little"), digest_size=KEY_LEN // 2).hexdigest().encode()
+_key = _benchdata.make_key
 
 
-class Dataset:
-    """The keys and values every backend is loaded with and timed on."""
+class Dataset(_benchdata.Dataset):
+    """The data set of ``shmreg bench`` at this suite's size: 100,000 entries,
+    1,000 operations per timed call."""
 
     def __init__(self, n: int = N_ENTRIES, ops: int = OPS, seed: int = SEED) -> None:
-        rng = random.Random(seed)
-        self.n = n
-        self.keys = [_key(b"hit", i) for i in range(n)]
-        blob = rng.randbytes(VALUE_LEN * n)
-        self.values = [blob[i * VALUE_LEN:(i + 1) * VALUE_LEN] for i in range(n)]
-        sample = rng.sample(range(n), ops)
-        self.hit_keys = [self.keys[i] for i in sample]
-        self.miss_keys = [_key(b"miss", i) for i in range(ops)]
-        new_blob = rng.randbytes(VALUE_LEN * ops)
-        #: (key, new value) pairs for the overwrite benchmark
-        self.set_pairs = [(k, new_blob[j * VALUE_LEN:(j + 1) * VALUE_LEN])
-                          for j, k in enumerate(self.hit_keys)]
-        self.counter_keys = [b"ctr:%012d" % i for i in range(ops)]
-        assert all(len(k) == KEY_LEN for k in self.keys + self.miss_keys + self.counter_keys)
-        assert all(len(v) == VALUE_LEN for v in self.values)
-        present = set(self.keys)
-        assert len(present) == n, "key collision in the data set"
-        assert not present.intersection(self.miss_keys), "a miss key is present"
-        assert not present.intersection(self.counter_keys)
-
-    def items(self):
-        return zip(self.keys, self.values)
+        super().__init__(n, ops, seed)
 
 
 def reader_keys(n: int, seed: int, ops: int = OPS) -> list:
     """``ops`` hit keys of a dataset of ``n`` entries, sampled with ``seed``
     (the throughput readers regenerate these in their own process)."""
-    rng = random.Random(seed)
-    return [_key(b"hit", i) for i in rng.sample(range(n), ops)]
+    return _benchdata.reader_keys(n, seed, ops)
 
 
 # -- backends ------------------------------------------------------------------
@@ -234,7 +213,7 @@ def dict_ops(d: dict, ds: Dataset) -> dict:
         for k in misses:
             get(k)
 
-    def set_overwrite():
+    def set_loop():
         for k, v in pairs:
             d[k] = v
 
@@ -243,7 +222,7 @@ def dict_ops(d: dict, ds: Dataset) -> dict:
             d[k] += 1
 
     return {"get-hit": get_hit, "get-miss": get_miss,
-            "set-overwrite": set_overwrite, "update_counter": update_counter}
+            "set": set_loop, "update_counter": update_counter}
 
 
 def shmreg_ops(t, ds: Dataset) -> dict:
@@ -258,7 +237,7 @@ def shmreg_ops(t, ds: Dataset) -> dict:
         for k in misses:
             get(k)
 
-    def set_overwrite():
+    def set_loop():
         for k, v in pairs:
             t[k] = v
 
@@ -267,7 +246,7 @@ def shmreg_ops(t, ds: Dataset) -> dict:
             uc(k)
 
     return {"get-hit": get_hit, "get-miss": get_miss,
-            "set-overwrite": set_overwrite, "update_counter": update_counter}
+            "set": set_loop, "update_counter": update_counter}
 
 
 def lmdb_ops(env, ds: Dataset, read_txn=None) -> dict:
@@ -278,7 +257,7 @@ def lmdb_ops(env, ds: Dataset, read_txn=None) -> dict:
     begin = env.begin
     hits, misses, pairs, ctrs = ds.hit_keys, ds.miss_keys, ds.set_pairs, ds.counter_keys
 
-    def set_overwrite():
+    def set_loop():
         for k, v in pairs:
             with begin(write=True) as txn:
                 txn.put(k, v)
@@ -288,7 +267,7 @@ def lmdb_ops(env, ds: Dataset, read_txn=None) -> dict:
             with begin(write=True) as txn:
                 txn.put(k, b"%d" % (int(txn.get(k)) + 1))
 
-    ops = {"set-overwrite": set_overwrite, "update_counter": update_counter}
+    ops = {"set": set_loop, "update_counter": update_counter}
     if read_txn is not None:
         get = read_txn.get
 
@@ -316,7 +295,7 @@ def redis_ops(client, ds: Dataset) -> dict:
         for k in misses:
             get(k)
 
-    def set_overwrite():
+    def set_loop():
         for k, v in pairs:
             set_(k, v)
 
@@ -325,7 +304,7 @@ def redis_ops(client, ds: Dataset) -> dict:
             incr(k)
 
     return {"get-hit": get_hit, "get-miss": get_miss,
-            "set-overwrite": set_overwrite, "update_counter": update_counter}
+            "set": set_loop, "update_counter": update_counter}
 
 
 def check_read_ops(ops: dict, reader: Callable, ds: Dataset) -> None:
@@ -341,7 +320,7 @@ def check_read_ops(ops: dict, reader: Callable, ds: Dataset) -> None:
 
 def check_write_ops(ops: dict, reader: Callable, ds: Dataset) -> None:
     """Run the write loops once: sets store the new value, counters go up by one."""
-    ops["set-overwrite"]()
+    ops["set"]()
     k, v = ds.set_pairs[-1]
     assert reader(k) == v, "set did not store the new value"
     c0 = int(reader(ds.counter_keys[0]))

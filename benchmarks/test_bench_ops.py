@@ -59,8 +59,8 @@ def test_get_miss_x1000(benchmark, backend, dataset):
     _bench(benchmark, backend, "get-miss", dataset)
 
 
-def test_set_overwrite_x1000(benchmark, backend, dataset):
-    _bench(benchmark, backend, "set-overwrite", dataset)
+def test_set_x1000(benchmark, backend, dataset):
+    _bench(benchmark, backend, "set", dataset)
 
 
 def test_update_counter_x1000(benchmark, backend, dataset):

@@ -13,7 +13,18 @@ cdef struct ValRef:
     char buf[8]
 
 
-cdef object encode_key(object key, KeyRef *r):
+cdef inline object encode_key(object key, KeyRef *r):
+    """Fill ``r`` from ``key`` (see encode_key_any); bytes, the common key
+    type, inline: no call on the hot paths."""
+    if type(key) is bytes and PyBytes_GET_SIZE(key) <= SHM_MAX_KEY:
+        r.k.p = <const unsigned char *>PyBytes_AS_STRING(key)
+        r.k.n = PyBytes_GET_SIZE(key)
+        r.k.ktype = SHM_KT_BYTES
+        return None
+    return encode_key_any(key, r)
+
+
+cdef object encode_key_any(object key, KeyRef *r):
     """Fill ``r`` from ``key``; returns an object that must outlive ``r.k.p``.
 
     The key's type is part of the key (``1 != "1"``).  Subclasses are stored
@@ -47,11 +58,11 @@ cdef object encode_key(object key, KeyRef *r):
             r.k.n = PyBytes_GET_SIZE(keep)
             r.k.ktype = SHM_KT_BIGINT
     elif isinstance(key, str):
-        return encode_key(str.__str__(key), r)
+        return encode_key_any(str.__str__(key), r)
     elif isinstance(key, bytes):
-        return encode_key(bytes(key), r)
+        return encode_key_any(bytes(key), r)
     elif isinstance(key, int):
-        return encode_key(int.__index__(key), r)
+        return encode_key_any(int.__index__(key), r)
     else:
         raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
     if r.k.n > SHM_MAX_KEY:

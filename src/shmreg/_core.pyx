@@ -622,6 +622,7 @@ cdef class CoreTable:
 
     # -- reads -------------------------------------------------------------------
 
+    @cython.final
     cdef object lookup(self, object key, object default, int want):
         """Lock-free read.  ``want``: 0 value, 1 membership, 2 remaining ttl (ns,
         -1 none), 3 raw ``(vtype, bytes)``, 4 ``(value, owner id)``, 5
@@ -654,7 +655,7 @@ cdef class CoreTable:
                     else:
                         shm_cpu_relax()
                     continue
-                pos = shm_find(v, si, &k.k, &off, &ins)
+                pos = shm_find_inline(v, si, &k.k, &off, &ins)
                 val = None
                 if pos >= 0:
                     # Build the result inside the window: the copy is what

@@ -131,6 +131,7 @@ cdef extern from "engine/shm_engine.h" nogil:
     uint64_t shm_item_need(size_t klen, size_t vlen)
 
     int64_t shm_find(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t *off, int64_t *ins)
+    int64_t shm_find_inline(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t *off, int64_t *ins)
     int shm_snap_shard(shm_view_t *v, uint32_t si, uint64_t now, shm_recbuf_t *b,
                        const shm_key_t *prefix, size_t *count)
 

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import socket
 import sys
@@ -55,10 +54,6 @@ __all__ = ["PEERS", "OPERATIONS", "run", "format_table", "markdown_report", "wri
 
 PEERS = ("dict", "shmreg", "manager", "lmdb", "diskcache", "ultradict", "redis", "memcached")
 SERVER_PEERS = ("redis", "memcached")
-OPERATIONS = ("get-hit", "get-miss", "set", "update_counter")
-KEY_BYTES = 16
-VALUE_BYTES = 64
-
 #: ``(entries, ops per timed call, repeat, seconds per measurement cell)``
 FULL = dict(entries=100_000, ops=1_000, repeat=5, budget=0.4)
 QUICK = dict(entries=2_000, ops=200, repeat=3, budget=0.04)
@@ -74,20 +69,9 @@ class Skip(Exception):
 
 
 # -- data ----------------------------------------------------------------------
-
-class Dataset:
-    def __init__(self, entries: int, ops: int, seed: int = 20240601) -> None:
-        rng = random.Random(seed)
-        self.keys = [b"k:%014d" % i for i in range(entries)]
-        self.values = [rng.randbytes(VALUE_BYTES) for _ in range(entries)]
-        idx = rng.sample(range(entries), min(ops, entries))
-        while len(idx) < ops:
-            idx.append(rng.randrange(entries))
-        self.hit_keys = [self.keys[i] for i in idx]
-        self.hit_values = [self.values[i] for i in idx]
-        self.miss_keys = [b"m:%014d" % i for i in range(ops)]
-        self.set_values = [rng.randbytes(VALUE_BYTES) for _ in range(ops)]
-        self.counter_keys = [b"c:%014d" % i for i in range(ops)]
+# One data set and one set of operation names for this CLI and benchmarks/,
+# so the README's numbers and the CLI's measure the same thing.
+from shmreg._benchdata import KEY_BYTES, OPERATIONS, VALUE_BYTES, Dataset  # noqa: E402,F401
 
 
 # -- peers -----------------------------------------------------------------------
@@ -727,7 +711,7 @@ def run(peers: list | None = None, *, quick: bool = False, entries: int | None =
             raise ValueError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
         names = list(dict.fromkeys(peers))
     ds = Dataset(cfg["entries"], cfg["ops"])
-    set_pairs = list(zip(ds.hit_keys, ds.set_values))
+    set_pairs = ds.set_pairs
     total = len(names) * (1 + len(OPERATIONS))
     step = 0
 

@@ -18,6 +18,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include "shm_layout.h"
 #include "shm_sync.h"
 
@@ -171,6 +172,61 @@ static inline int shm_item_ok(const shm_view_t *v, const char *ar, uint64_t off)
 int shm_layout_field(int i, const char **name, size_t *off, size_t *size);
 
 /* ---- reads (shm_read.c) ---------------------------------------------------------- */
+
+/* Key bytes equal?  Short keys (the common case) without a call to memcmp. */
+static inline int shm_key_eq(const unsigned char *a, const unsigned char *b, size_t n) {
+    if (n <= 16) {
+        uint64_t x = 0, y = 0, x2 = 0, y2 = 0;
+        if (n >= 8) {
+            memcpy(&x, a, 8); memcpy(&y, b, 8);
+            memcpy(&x2, a + n - 8, 8); memcpy(&y2, b + n - 8, 8);   /* overlapping tail */
+            return ((x ^ y) | (x2 ^ y2)) == 0;
+        }
+        memcpy(&x, a, n); memcpy(&y, b, n);
+        return x == y;
+    }
+    return memcmp(a, b, n) == 0;
+}
+
+/* shm_find, inlinable into the binding's lock-free read (the hottest path). */
+static inline __attribute__((always_inline)) int64_t shm_find_inline(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t *out_off, int64_t *ins) {
+    const uint64_t *ix = shm_index(v, si);
+    const char *ar = shm_arena(v, si);
+    uint32_t n = v->slots;
+    uint32_t pos = (uint32_t)(((k->h & 0xffffffffULL) * n) >> 32);
+    uint64_t tag = k->h & SHM_SLOT_TAGMASK;
+    *ins = -1;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t s = shm_load_rlx(&ix[pos]);
+        uint64_t off = s & SHM_SLOT_OFFMASK;
+        if (off == SHM_SLOT_EMPTY) {
+            if (*ins < 0) *ins = pos;
+            return -1;
+        }
+        if (off == SHM_SLOT_TOMB) {
+            if (*ins < 0) *ins = pos;
+        } else if ((s & SHM_SLOT_TAGMASK) == tag) {
+            const shm_item_t *it;
+            uint64_t size, vlen, klen;
+            off -= 8;
+            if ((off & 7) || off > v->arena_size - SHM_BLOCK_MIN) return -2;
+            it = (const shm_item_t *)(ar + off);
+            size = it->size;
+            vlen = it->vlen;
+            klen = it->klen;
+            if (size < SHM_BLOCK_MIN || (size & 7) || size > v->arena_size - off || SHM_ITEM_HDR + vlen + klen > size)
+                return -2;
+            if (klen == k->n && (unsigned)(it->types & 15) == k->ktype
+                    && shm_key_eq((const unsigned char *)ar + off + SHM_ITEM_HDR + vlen, k->p, klen)) {
+                *out_off = off;
+                return pos;
+            }
+        }
+        if (++pos == n) pos = 0;
+    }
+    return -1;
+}
+
 
 /* Probe shard si for k [nogil, lock-free or locked].  Returns the slot, -1
  * absent, -2 implausible data (torn under a reader, corrupt under a

@@ -5,57 +5,8 @@
 
 #include <string.h>
 
-/* Key bytes equal?  Short keys (the common case) without a call to memcmp. */
-static inline int key_eq(const unsigned char *a, const unsigned char *b, size_t n) {
-    if (n <= 16) {
-        uint64_t x = 0, y = 0, x2 = 0, y2 = 0;
-        if (n >= 8) {
-            memcpy(&x, a, 8); memcpy(&y, b, 8);
-            memcpy(&x2, a + n - 8, 8); memcpy(&y2, b + n - 8, 8);   /* overlapping tail */
-            return ((x ^ y) | (x2 ^ y2)) == 0;
-        }
-        memcpy(&x, a, n); memcpy(&y, b, n);
-        return x == y;
-    }
-    return memcmp(a, b, n) == 0;
-}
-
 int64_t shm_find(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t *out_off, int64_t *ins) {
-    const uint64_t *ix = shm_index(v, si);
-    const char *ar = shm_arena(v, si);
-    uint32_t n = v->slots;
-    uint32_t pos = (uint32_t)(((k->h & 0xffffffffULL) * n) >> 32);
-    uint64_t tag = k->h & SHM_SLOT_TAGMASK;
-    *ins = -1;
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t s = shm_load_rlx(&ix[pos]);
-        uint64_t off = s & SHM_SLOT_OFFMASK;
-        if (off == SHM_SLOT_EMPTY) {
-            if (*ins < 0) *ins = pos;
-            return -1;
-        }
-        if (off == SHM_SLOT_TOMB) {
-            if (*ins < 0) *ins = pos;
-        } else if ((s & SHM_SLOT_TAGMASK) == tag) {
-            const shm_item_t *it;
-            uint64_t size, vlen, klen;
-            off -= 8;
-            if ((off & 7) || off > v->arena_size - SHM_BLOCK_MIN) return -2;
-            it = (const shm_item_t *)(ar + off);
-            size = it->size;
-            vlen = it->vlen;
-            klen = it->klen;
-            if (size < SHM_BLOCK_MIN || (size & 7) || size > v->arena_size - off || SHM_ITEM_HDR + vlen + klen > size)
-                return -2;
-            if (klen == k->n && (unsigned)(it->types & 15) == k->ktype
-                    && key_eq((const unsigned char *)ar + off + SHM_ITEM_HDR + vlen, k->p, klen)) {
-                *out_off = off;
-                return pos;
-            }
-        }
-        if (++pos == n) pos = 0;
-    }
-    return -1;
+    return shm_find_inline(v, si, k, out_off, ins);
 }
 
 int shm_snap_shard(shm_view_t *v, uint32_t si, uint64_t now, shm_recbuf_t *b,
