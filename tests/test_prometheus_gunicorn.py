@@ -169,7 +169,9 @@ def test_counters_exact_and_gauge_modes_under_worker_churn_and_sigkill(server):
     live_before = server.workers()
     status, body = server.get("/metrics")
     assert status == 200
-    assert len(last) > N // MAX_REQUESTS, "workers were recycled"
+    # Each pid serves at most MAX_REQUESTS /work requests: at least N // MAX_REQUESTS
+    # pids served them (exactly that many when every worker, even a killed one, served its last).
+    assert len(last) >= N // MAX_REQUESTS, "workers were recycled"
 
     samples: dict = {}
     for family in text_string_to_metric_families(body.decode()):
