@@ -41,6 +41,8 @@ MODULES = [
     "shmreg.metrics",
     "shmreg.recipes",
     "shmreg.gunicorn",
+    "shmreg.uwsgi",
+    "shmreg.uvicorn",
     "shmreg.mp",
     "shmreg.prometheus",
     "shmreg.celery",

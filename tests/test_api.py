@@ -564,8 +564,10 @@ def test_create_open_and_auto_create(table_name):
     assert table_name in shmreg.list_tables()
     assert all(isinstance(n, str) for n in shmreg.list_tables())
     t1["k"] = "v"
-    # Opening again (any way) attaches to the same table; geometry is ignored.
-    t2 = shmreg.Table(table_name, capacity=999_999, memory=1 << 30)
+    # Opening again (any way) attaches to the same table; its geometry is
+    # kept, and other options asked for are warned about.
+    with pytest.warns(shmreg.ConfigMismatchWarning, match="capacity 100 .asked for 999,999."):
+        t2 = shmreg.Table(table_name, capacity=999_999, memory=1 << 30)
     t3 = shmreg.Table.open(table_name)
     assert t2["k"] == "v" and t3["k"] == "v"
     assert t2.capacity == 100 and t3.memory == 1 << 16

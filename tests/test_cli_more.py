@@ -349,7 +349,8 @@ def test_set_get_del_with_types(table):
                                      "owner": None}
     assert json.loads(gk.stdout)["key"] == 7 and json.loads(gk.stdout)["value"] == "seven"
     assert 90 < json.loads(gt.stdout)["ttl"] <= 100
-    assert one_line_error(miss) == f"shmreg: no key '7' in table {n!r}" and miss.stdout == ""
+    assert one_line_error(miss) == (f"shmreg: no key '7' in table {n!r} (an int key 7 exists: "
+                                    "add --int-key)") and miss.stdout == ""
 
     d1 = shmreg_cli("del", n, "s")
     d2, bad_int, bad_hex, bad_ttl, bad_json, two_types = shmreg_many([
@@ -513,7 +514,8 @@ def _name_commands(name: str) -> list:
 
 def test_missing_table_every_command_exits_1_and_creates_nothing(table_name):
     for r in shmreg_many(_name_commands(table_name)):
-        assert one_line_error(r) == f"shmreg: no table named {table_name!r}", r.args
+        # (plus " (did you mean ...?)" when tables with close names exist)
+        assert one_line_error(r).startswith(f"shmreg: no table named {table_name!r}"), r.args
         assert r.stdout == "", r.args
     assert table_name not in shmreg.list_tables()
     assert not os.path.exists(_segment.path_of(table_name))
@@ -537,8 +539,13 @@ def _bench_tables() -> set:
 def test_bench_quick_standard_peers_json_report_chart(tmp_path):
     before = _bench_tables()
     report, chart = tmp_path / "report.md", tmp_path / "chart.png"
+    try:
+        import matplotlib  # noqa: F401
+        chart_args = ["--chart", str(chart)]
+    except ImportError:   # bench --chart then refuses to run (test_cli_everyday)
+        chart_args = []
     r = shmreg_cli("bench", "--quick", "--peers", "dict,shmreg,manager", "--json",
-                   "--output", str(report), "--chart", str(chart), timeout=120)
+                   "--output", str(report), *chart_args, timeout=120)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert list(res["results"]) == ["dict", "shmreg", "manager"] and res["skipped"] == {}
@@ -558,9 +565,7 @@ def test_bench_quick_standard_peers_json_report_chart(tmp_path):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert not chart.exists() and res["chart"] is None
-        assert "matplotlib is not installed" in res["chart_note"]
-        assert "matplotlib is not installed" in r.stderr and "matplotlib is not installed" in md
+        assert not chart.exists() and res["chart"] is None and res["chart_note"] is None
     else:
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["chart"] == str(chart)
         assert "![ops/s per peer and operation](chart.png)" in md

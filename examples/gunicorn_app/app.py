@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 from urllib.parse import parse_qs
 
 MODE = os.environ.get("SHMREG_EXAMPLE_MODE", "shmreg")
@@ -30,6 +31,10 @@ PREFIX = os.environ.get("SHMREG_EXAMPLE_PREFIX", "example-")
 ROUNDS = int(os.environ.get("SHMREG_EXAMPLE_ROUNDS", "20000"))   # ~10 ms of SHA-256
 DELAY = float(os.environ.get("SHMREG_EXAMPLE_DELAY", "0"))       # extra seconds per computation
 TTL = 300.0
+
+Row = Dict[str, Any]
+Environ = Dict[str, Any]
+StartResponse = Callable[..., Any]
 
 
 def expensive(n: int) -> str:
@@ -55,21 +60,21 @@ class Shared:
     def count(self, key: str, incr: int = 1) -> int:
         return self.g.table(self.counters_name).update_counter(key, incr)
 
-    def cached(self, key: str, factory) -> tuple:
-        computed = []
+    def cached(self, key: str, factory: Callable[[], str]) -> Tuple[str, bool]:
+        computed: List[bool] = []
 
-        def compute():
+        def compute() -> str:
             computed.append(True)
             return factory()
 
-        value = self.g.cache(self.cache_name).get_or_set(key, compute, ttl=TTL)
+        value: str = self.g.cache(self.cache_name).get_or_set(key, compute, ttl=TTL)
         return value, bool(computed)
 
-    def publish(self, row: dict) -> None:
+    def publish(self, row: Row) -> None:
         # Owned by this worker: gone the moment it dies, however it dies.
         self.g.table(self.scoreboard_name).set(os.getpid(), row, owned=True)
 
-    def workers(self) -> list:
+    def workers(self) -> List[Row]:
         rows = dict(self.g.table(self.scoreboard_name).items())
         out = []
         for key, reg in self.g.registry().items():
@@ -78,7 +83,7 @@ class Shared:
             out.append(info)
         return sorted(out, key=lambda w: w["pid"])
 
-    def counters(self) -> dict:
+    def counters(self) -> Row:
         return dict(sorted(self.g.table(self.counters_name).items()))
 
 
@@ -86,16 +91,16 @@ class Local:
     """The same state in per-worker dicts: nothing is shared."""
 
     def __init__(self) -> None:
-        self._counters: dict = {}
-        self._cache: dict = {}
-        self._row: dict | None = None
+        self._counters: Dict[str, int] = {}
+        self._cache: Dict[str, Tuple[float, str]] = {}
+        self._row: Optional[Row] = None
         self._booted = time.time()
 
     def count(self, key: str, incr: int = 1) -> int:
         v = self._counters[key] = self._counters.get(key, 0) + incr
         return v
 
-    def cached(self, key: str, factory) -> tuple:
+    def cached(self, key: str, factory: Callable[[], str]) -> Tuple[str, bool]:
         hit = self._cache.get(key)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1], False
@@ -103,45 +108,46 @@ class Local:
         self._cache[key] = (time.monotonic() + TTL, value)
         return value, True
 
-    def publish(self, row: dict) -> None:
+    def publish(self, row: Row) -> None:
         self._row = row
 
-    def workers(self) -> list:
+    def workers(self) -> List[Row]:
         return [{"key": f"worker:{os.getpid()}", "pid": os.getpid(), "booted_at": self._booted,
                  "scoreboard": self._row}]
 
-    def counters(self) -> dict:
+    def counters(self) -> Row:
         return dict(sorted(self._counters.items()))
 
 
-_state = None
+_state: Union[Shared, Local, None] = None
 _state_pid = 0
 _handled = 0
 
 
-def state():
+def state() -> Union[Shared, Local]:
     global _state, _state_pid, _handled
-    if _state_pid != os.getpid():           # one per worker (also with --preload)
+    if _state is None or _state_pid != os.getpid():   # one per worker (also with --preload)
         _state = Local() if MODE == "local" else Shared()
         _state_pid = os.getpid()
         _handled = 0
     return _state
 
 
-def _json(start_response, body: dict, status: str = "200 OK", headers=()) -> list:
+def _json(start_response: StartResponse, body: Row, status: str = "200 OK",
+          headers: Iterable[Tuple[str, str]] = ()) -> List[bytes]:
     data = json.dumps(body).encode()
     start_response(status, [("Content-Type", "application/json"),
                             ("Content-Length", str(len(data))), *headers])
     return [data]
 
 
-def compute(st, environ, start_response) -> list:
+def compute(st: Union[Shared, Local], environ: Environ, start_response: StartResponse) -> List[bytes]:
     try:
         n = int(parse_qs(environ.get("QUERY_STRING", "")).get("n", ["0"])[0])
     except ValueError:
         return _json(start_response, {"error": "n must be an integer"}, "400 Bad Request")
 
-    def factory():
+    def factory() -> str:
         st.count("computations")
         return expensive(n)
 
@@ -150,19 +156,19 @@ def compute(st, environ, start_response) -> list:
                  headers=[("X-Cache", "miss" if computed else "hit")])
 
 
-def status(st, environ, start_response) -> list:
+def status(st: Union[Shared, Local], environ: Environ, start_response: StartResponse) -> List[bytes]:
     return _json(start_response, {"mode": MODE, "pid": os.getpid(), "workers": st.workers(),
                                   "counters": st.counters()})
 
 
-def index(st, environ, start_response) -> list:
+def index(st: Union[Shared, Local], environ: Environ, start_response: StartResponse) -> List[bytes]:
     return _json(start_response, {"mode": MODE, "pid": os.getpid()})
 
 
-HANDLERS = {"/": index, "/compute": compute, "/status": status}
+HANDLERS: Dict[str, Callable[[Union[Shared, Local], Environ, StartResponse], List[bytes]]] = {"/": index, "/compute": compute, "/status": status}
 
 
-def application(environ, start_response):
+def application(environ: Environ, start_response: StartResponse) -> List[bytes]:
     global _handled
     st = state()
     path = environ.get("PATH_INFO", "/")

@@ -11,6 +11,8 @@ from shmreg import _core
 from shmreg.cache import Cache
 from shmreg.errors import (
     AlreadyRegisteredError,
+    ConfigMismatchError,
+    ConfigMismatchWarning,
     CorruptTableError,
     Error,
     IncompatibleTableError,
@@ -22,7 +24,7 @@ from shmreg.errors import (
     ValueTooLargeError,
 )
 from shmreg.registry import Registration, Registry
-from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, unlink
+from shmreg.table import DEFAULT_CAPACITY, Table, list_tables, temporary, unlink
 from shmreg.trust import Trust
 from shmreg.watcher import Watcher
 
@@ -46,6 +48,7 @@ __all__ = [
     "PickledValue",
     "unlink",
     "list_tables",
+    "temporary",
     "MISSING",
     "DEFAULT_CAPACITY",
     "Error",
@@ -57,5 +60,7 @@ __all__ = [
     "CorruptTableError",
     "NoSpaceError",
     "AlreadyRegisteredError",
+    "ConfigMismatchError",
+    "ConfigMismatchWarning",
     "UntrustedTableError",
 ]

@@ -36,6 +36,7 @@ started here):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -49,7 +50,7 @@ from typing import Any, Callable
 import shmreg
 
 __all__ = ["PEERS", "OPERATIONS", "run", "format_table", "markdown_report", "write_chart",
-           "matplotlib_available", "ProgressBar"]
+           "matplotlib_available", "install_hint", "ProgressBar"]
 
 PEERS = ("dict", "shmreg", "manager", "lmdb", "diskcache", "ultradict", "redis", "memcached")
 SERVER_PEERS = ("redis", "memcached")
@@ -887,6 +888,41 @@ def matplotlib_available() -> bool:
     return True
 
 
+def install_hint(extra: str = "plot", package: str = "matplotlib") -> str:
+    """The command that installs an extra from where this shmreg came from:
+    ``pip install 'shmreg[plot]'`` from an index or a wheel; from a checkout
+    (``pip install .`` / ``-e .``) the checkout's path, which no index has;
+    and the bare dependency as an alternative.  E.g. from PyPI:
+    ``pip install 'shmreg[plot]' (or: pip install matplotlib)``; from an
+    editable install of the current directory: ``pip install -e '.[plot]'
+    (or: pip install matplotlib)``.
+    """
+    source = f"shmreg[{extra}]"
+    try:
+        from importlib.metadata import distribution
+
+        direct = json.loads(distribution("shmreg").read_text("direct_url.json") or "null")
+    except Exception:   # not installed (run from a source tree), or no metadata
+        direct = None
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if isinstance(direct, dict) and "dir_info" in direct and direct.get("url", "").startswith("file://"):
+        path = direct["url"][len("file://"):]
+        edit = "-e " if direct["dir_info"].get("editable") else ""
+        return f"pip install {edit}'{_shell_path(path)}[{extra}]' (or: pip install {package})"
+    if direct is None and os.path.exists(os.path.join(root, "pyproject.toml")):
+        return f"pip install -e '{_shell_path(root)}[{extra}]' (or: pip install {package})"
+    return f"pip install '{source}' (or: pip install {package})"
+
+
+def _shell_path(path: str) -> str:
+    """``.`` for the current directory, else the path (relative if shorter)."""
+    from urllib.parse import unquote
+
+    path = unquote(path)
+    rel = os.path.relpath(path)
+    return "." if rel == "." else rel if len(rel) < len(path) else path
+
+
 def write_chart(res: dict, path: str) -> None:
     """A grouped bar chart (log scale) of ops/s per operation and peer, as PNG.
     :raises ImportError: matplotlib is not installed."""
@@ -897,7 +933,8 @@ def write_chart(res: dict, path: str) -> None:
 
     ops = res["operations"]
     names = list(res["results"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(ops) + 0.4 * len(names)), 4.5))
+    # The legend goes right of the axes: inside, it covers the tallest bars.
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(ops) + 0.4 * len(names)) + 1.8, 4.5))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(ops))]
@@ -907,7 +944,7 @@ def write_chart(res: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("operations per second (log scale)")
     ax.set_title(f"shmreg bench: {res['entries']:,} entries, {res['value_bytes']}-byte values")
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(axis="y", which="major", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

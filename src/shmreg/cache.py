@@ -251,16 +251,20 @@ class Cache(MutableMapping[Any, T], Generic[T]):
     def stats(self) -> dict[str, int]:
         """Counters and usage.
 
-        ``hits``, ``misses`` and ``sets`` are this process's (exact; a
-        ``get_or_set`` counts once, however long it waits);
-        ``evictions`` and ``expirations`` are table-wide (shared counters
-        kept by writers).
+        Per process (exact; a ``get_or_set`` counts once, however long it
+        waits): ``hits``, ``misses``, ``sets``.  Host-wide (every process of
+        the cache): ``host_hits`` and ``host_misses`` (sampled: each process
+        adds 64 per 64 of its reads, so each contributes up to 63 less than
+        it did; what a ``/status`` page wants), ``evictions``,
+        ``expirations``, ``entries``, ``bytes_used``, ``bytes_free``.
         """
         s = self.table.stats()
         return {
             "hits": self.hits,
             "misses": self.misses,
             "sets": self.sets,
+            "host_hits": s["reads_hit"],
+            "host_misses": s["reads_missed"],
             "evictions": s["evictions"],
             "expirations": s["expirations"],
             "entries": s["entries"],

@@ -21,6 +21,7 @@ from typing import Any
 
 import shmreg
 from shmreg import _segment
+from shmreg.table import temporary_orphaned
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_IN_USE = 0, 1, 2, 3, 4
 
@@ -94,8 +95,15 @@ def _sharing(args: argparse.Namespace) -> dict:
 
 
 def _open(name: str, args: argparse.Namespace) -> shmreg.Table:
-    """Open an existing table (never creates one), with the sharing options."""
-    return shmreg.Table.open(name, **_sharing(args))
+    """Open an existing table (never creates one), with the sharing options;
+    a missing one names the close matches."""
+    try:
+        return shmreg.Table.open(name, **_sharing(args))
+    except shmreg.TableNotFoundError as e:
+        from shmreg._names import did_you_mean
+
+        raise shmreg.TableNotFoundError(e.errno, f"no table named {name!r}{did_you_mean(name)}",
+                                        e.filename) from None
 
 
 def _note_opaque(name: str, values: list) -> None:
@@ -106,6 +114,22 @@ def _note_opaque(name: str, values: list) -> None:
         print(f"shmreg: note: {n} pickled value{'s' if n > 1 else ''} shown as opaque bytes, not "
               f"unpickled: others can write table {name!r} (owner {owner}), and unpickling runs "
               "their code as you; --unpickle to unpickle anyway", file=sys.stderr)
+
+
+def _miss(t: shmreg.Table, key: Any, args: argparse.Namespace) -> CliError:
+    """The error for a missing KEY, hinting at --int-key / --bytes-key when
+    the key exists with another type."""
+    hint = ""
+    if isinstance(key, str):
+        try:
+            as_int = int(key, 0)
+        except ValueError:
+            as_int = None
+        if as_int is not None and t.get(as_int, shmreg.MISSING) is not shmreg.MISSING:
+            hint = f" (an int key {as_int} exists: add --int-key)"
+        elif t.get(key.encode(), shmreg.MISSING) is not shmreg.MISSING:
+            hint = f" (a bytes key {key.encode()!r} exists: add --bytes-key with {key.encode().hex()})"
+    return CliError(f"no key {key!r} in table {args.name!r}{hint}")
 
 
 def _key_of(args: argparse.Namespace) -> Any:
@@ -227,8 +251,12 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             rows.append({"name": name, "error": f"{type(e).__name__}: {msg}"})
         if args.all:
             rows[-1]["owner"] = _user(owner)
+    for r in rows:   # temporary tables (shmreg.temporary) whose creator is gone
+        if temporary_orphaned(r["name"]):
+            r["orphan"] = True
     if args.prometheus:
-        sys.stdout.write(prometheus_text([r for r in rows if "error" not in r]))
+        sys.stdout.write(prometheus_text([{k: v for k, v in r.items() if k != "orphan"}
+                                          for r in rows if "error" not in r]))
         return EXIT_OK
     if args.json:
         for r in rows:
@@ -250,9 +278,48 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                        _human_bytes(r["bytes_used"]), str(r["owner_processes"]),
                        str(r["watcher_pid"]) if r["watcher_pid"] else "-"))
     widths = [max(len(row[i]) for row in table if len(row) > i) for i in range(len(table[0]) - 1)]
-    for row in table:
+    for row, r in zip(table, [None, *rows]):
         cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        print("  ".join(cells + [row[-1]]))
+        orphan = "  orphan: its creator is gone (shmreg clean)" if r and r.get("orphan") else ""
+        print("  ".join(cells + [row[-1]]) + orphan)
+    return EXIT_OK
+
+
+# -- clean ---------------------------------------------------------------------------
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    removed, kept = [], {}
+    for name in shmreg.list_tables():
+        if not temporary_orphaned(name):
+            continue
+        try:
+            with _open(name, args) as t:
+                pids, watcher = _users(t)
+        except shmreg.TableNotFoundError:
+            continue
+        except (shmreg.Error, OSError) as e:
+            pids, watcher = [], None   # unreadable: an orphan all the same
+            if not args.force:
+                kept[name] = f"{type(e).__name__}: {e}"
+                continue
+        if (pids or watcher) and not args.force:
+            kept[name] = f"in use by pids {', '.join(map(str, pids or [watcher]))} (--force removes it)"
+            continue
+        if not args.dry_run:
+            try:
+                shmreg.unlink(name, trust=_sharing(args)["trust"])
+            except shmreg.TableNotFoundError:
+                continue
+        removed.append(name)
+    if args.json:
+        _print_json({"removed": removed, "dry_run": args.dry_run, "kept": kept})
+        return EXIT_OK
+    for name in removed:
+        print(("would remove " if args.dry_run else "removed ") + repr(name))
+    for name, why in kept.items():
+        print(f"kept {name!r}: {why}", file=sys.stderr)
+    if not removed and not kept:
+        print("no orphaned temporary tables")
     return EXIT_OK
 
 
@@ -315,7 +382,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
         # One read gives value and owner: a value is decoded (unpickled) once.
         got = t._get_owned(key, shmreg.MISSING)
         if got is shmreg.MISSING:
-            raise CliError(f"no key {key!r} in table {args.name!r}")
+            raise _miss(t, key, args)
         value, owner_id = got
         owner = t._owner_pid(owner_id) if owner_id else None
         try:
@@ -363,7 +430,7 @@ def _cmd_del(args: argparse.Namespace) -> int:
     key = _key_of(args)
     with _open(args.name, args) as t:
         if not t.delete(key):
-            raise CliError(f"no key {key!r} in table {args.name!r}")
+            raise _miss(t, key, args)
     return EXIT_OK
 
 
@@ -422,6 +489,9 @@ def _cmd_flag(args: argparse.Namespace) -> int:
         raise CliError(f"no flag {args.flag!r} in table {args.name!r}")
     if args.json:
         _print_json(flags)
+    elif not flags:
+        print(f"no flags in table {args.name!r} (no key starts with {args.prefix!r}; "
+              f"set one: shmreg flag {args.name} NAME on)", file=sys.stderr)
     else:
         for name, on in sorted(flags.items()):
             print(f"{name}  {'on' if on else 'off'}")
@@ -579,8 +649,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args._parser.error("--seconds must be > 0")
     chart_note = None
     if args.chart and not bench.matplotlib_available():
-        chart_note = "skipped: matplotlib is not installed (pip install 'shmreg[plot]')"
-        print(f"shmreg: --chart {args.chart}: {chart_note}", file=sys.stderr)
+        # Before any timing: minutes of benchmark for a chart that cannot be drawn.
+        raise CliError(f"--chart needs matplotlib, which is not installed: {bench.install_hint()}")
     progress = None if args.no_progress else bench.ProgressBar(sys.stderr)
     res = bench.run(peers, quick=args.quick, entries=args.entries, ops=args.ops,
                     repeat=args.repeat, budget=args.seconds, servers=not args.no_servers,
@@ -644,8 +714,8 @@ def _mode(s: str) -> int:
 
 
 # Commands that open a table: they take the sharing options.
-_OPENS = {"ls", "stat", "dump", "get", "set", "del", "watch", "reap", "check", "flag", "top",
-          "destroy"}
+_OPENS = {"ls", "clean", "stat", "dump", "get", "set", "del", "watch", "reap", "check", "flag",
+          "top", "destroy"}
 
 SHARING_EPILOG = (
     "sharing: only your own tables are opened, and only if no one else can write them. "
@@ -702,6 +772,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print JSON (a list of objects)")
     g.add_argument("--prometheus", action="store_true",
                    help="print every table's metrics in Prometheus text format")
+
+    p = _add(sub, "clean", _cmd_clean, "remove orphaned temporary tables",
+             "Remove the temporary tables (shmreg.temporary(), named tmp-PID-START-...) "
+             "whose creator process is gone: what a script killed inside its `with` "
+             "block left behind.  One in use by a live process is kept unless --force.")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    p.add_argument("--force", action="store_true", help="remove orphans even while in use")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = _add(sub, "stat", _cmd_stat, "show a table's geometry, usage and counters",
              "Show a table's geometry, usage and counters.")
@@ -858,7 +936,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 error, 2 usage, 3 corrupt,
     4 destroy refused)."""
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:   # reported with the subcommand's usage, not the top-level one
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         rc = args.func(args)
         sys.stdout.flush()

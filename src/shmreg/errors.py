@@ -18,6 +18,8 @@ __all__ = [
     "CorruptTableError",
     "NoSpaceError",
     "AlreadyRegisteredError",
+    "ConfigMismatchError",
+    "ConfigMismatchWarning",
     "UntrustedTableError",
 ]
 
@@ -75,3 +77,13 @@ class AlreadyRegisteredError(Error):
         super().__init__(f"{key!r} is already registered by pid {pid}")
         self.key = key
         self.pid = pid
+
+
+class ConfigMismatchError(Error, ValueError):
+    """An existing table's geometry or options differ from the ones asked for
+    (raised instead of :class:`ConfigMismatchWarning` when asked: ``strict=True``)."""
+
+
+class ConfigMismatchWarning(UserWarning):
+    """An existing table was opened with options (capacity, memory, shards,
+    eviction) other than the ones it was created with: the creator's win."""

@@ -10,7 +10,7 @@ built on one shared :class:`~shmreg.Table`.
   per process, a stack of spans), a status page, and a post-mortem of a
   worker that died mid-request.
 * :class:`Flags` - feature flags every worker sees on its next read, and
-  :func:`flags_command` behind a future ``shmreg flag`` command.
+  :func:`flags_command` behind the ``shmreg flag`` command.
 
 Each recipe takes a table and a key ``prefix`` (so several recipes, or
 several instances, can share one table); recipe keys are ``str``.

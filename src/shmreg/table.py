@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from shmreg import _core, _segment
 from shmreg._core import MISSING
-from shmreg.errors import CorruptTableError, TableExistsError, TableNotFoundError
+from shmreg.errors import (ConfigMismatchError, ConfigMismatchWarning, CorruptTableError,
+                           TableExistsError, TableNotFoundError)
 from shmreg.trust import Trust, check_mode, check_trust
 
-__all__ = ["Table", "DEFAULT_CAPACITY", "default_memory", "unlink", "list_tables"]
+__all__ = ["Table", "DEFAULT_CAPACITY", "default_memory", "unlink", "list_tables", "temporary"]
 
 #: Entries a table holds when ``capacity`` is not given.
 DEFAULT_CAPACITY = 65_536
@@ -51,8 +55,9 @@ class Table(_core.CoreTable):
 
     ``Table(name)`` opens the table, creating it if missing;
     :meth:`create` insists on a new one and :meth:`open` on an existing one.
-    Geometry (``capacity``, ``memory``, ``shards``) is fixed at creation and
-    ignored when an existing table is opened.
+    Geometry (``capacity``, ``memory``, ``shards``) is fixed at creation;
+    opening an existing table keeps its geometry and warns
+    (:class:`ConfigMismatchWarning`) about options that differ from it.
 
     Keys are ``str``, ``bytes`` or ``int`` (the type is part of the key:
     ``1`` and ``"1"`` differ; a subclass counts as its base type, as in a
@@ -79,6 +84,9 @@ class Table(_core.CoreTable):
         :class:`~shmreg.PickledValue` unless ``Trust(unpickle=True)``.
     :param clock: for tests: a callable returning monotonic seconds, used
         for TTLs instead of ``CLOCK_MONOTONIC``.
+    :param strict: an existing table whose geometry differs from an explicit
+        ``capacity``/``memory``/``shards`` raises :class:`ConfigMismatchError`
+        instead of warning (:class:`ConfigMismatchWarning`, the default).
 
     >>> with Table("doc-example", capacity=1000) as t:
     ...     t["a"] = 1
@@ -89,8 +97,8 @@ class Table(_core.CoreTable):
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
                  shards: int | None = None, mode: int = 0o600, trust: Trust | None = None,
-                 clock: Callable[[], float] | None = None, _how: str = "auto",
-                 _clock_bits: bool = False) -> None:
+                 clock: Callable[[], float] | None = None, strict: bool = False,
+                 _how: str = "auto", _clock_bits: bool = False) -> None:
         self.name = _segment.check_name(name)
         #: The sharing accepted at open (and the mode given at creation).
         self.mode = check_mode(mode)
@@ -128,6 +136,7 @@ class Table(_core.CoreTable):
                 continue  # lost a creation race: open the winner's table
             _how = "open"
         _live_tables.add(self)
+        _check_config(self, capacity, memory, shards, _clock_bits, strict)
 
     @classmethod
     def create(cls, name: str, **options: Any) -> "Table":
@@ -143,6 +152,12 @@ class Table(_core.CoreTable):
         :raises UntrustedTableError: its segment is not one to trust.
         """
         return cls(name, mode=mode, trust=trust, clock=clock, _how="open")
+
+    @staticmethod
+    def temporary(label: str = "", **options: Any) -> "contextlib.AbstractContextManager[Table]":
+        """A new table that is unlinked (and closed) when the ``with`` block
+        exits, however it exits; see :func:`temporary`."""
+        return temporary(label, **options)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -373,6 +388,93 @@ class Table(_core.CoreTable):
             if msg:
                 raise CorruptTableError(msg)
         return repaired if repair else None
+
+
+def _check_config(t: Table, capacity: int | None, memory: int | None, shards: int | None,
+                  clock_bits: bool, strict: bool) -> None:
+    """Warn (or raise, if ``strict``) when an existing table's geometry is not
+    what the caller asked for: its creator's options win, silently otherwise."""
+    h = t._header()
+    wrong = []
+    for what, asked, actual in (("capacity", capacity, h["capacity"]), ("memory", memory, h["memory"]),
+                                ("shards", shards, h["nshards"])):
+        if asked is not None and asked != actual:
+            wrong.append(f"{what} {actual:,} (asked for {asked:,})")
+    if clock_bits and not h["clock_bits"]:
+        wrong.append("no eviction (created as a plain Table: a Cache on it raises "
+                     "TableFullError when full instead of evicting)")
+    if not wrong:
+        return
+    msg = (f"table {t.name!r} already exists with {'; '.join(wrong)}: the existing table's "
+           f"geometry is kept (created by pid {h['creator_pid']}); to apply yours, remove it "
+           f"first (`shmreg destroy {t.name}` or shmreg.unlink({t.name!r})) and open it again")
+    if strict:
+        t.close()
+        raise ConfigMismatchError(msg)
+    warnings.warn(ConfigMismatchWarning(msg), stacklevel=3)
+
+
+TEMP_PREFIX = "tmp-"
+
+
+def temporary_name(label: str = "") -> str:
+    """A fresh name for a temporary table: ``tmp-<pid>-<start time>-<random>[-label]``.
+    The creator's pid and start time let ``shmreg ls``/``shmreg clean`` tell
+    the orphans of dead creators."""
+    from shmreg._proc import start_time
+
+    pid = os.getpid()
+    name = f"{TEMP_PREFIX}{pid}-{start_time(pid) or 0}-{secrets.token_hex(4)}"
+    return _segment.check_name(f"{name}-{label}" if label else name)
+
+
+def temporary_creator(name: str) -> tuple[int, int] | None:
+    """``(pid, start_time)`` of the process that created temporary table
+    ``name``, or None if ``name`` is not a temporary table's."""
+    if not name.startswith(TEMP_PREFIX):
+        return None
+    parts = name[len(TEMP_PREFIX):].split("-", 3)
+    if len(parts) < 3 or not (parts[0].isdigit() and parts[1].isdigit()) or len(parts[2]) != 8:
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def temporary_orphaned(name: str) -> bool:
+    """True if ``name`` is a temporary table whose creator process is gone."""
+    from shmreg._proc import is_alive
+
+    creator = temporary_creator(name)
+    return creator is not None and not is_alive(creator[0], creator[1] or None)
+
+
+@contextlib.contextmanager
+def temporary(label: str = "", **options: Any) -> Iterator[Table]:
+    """A new table, unlinked (and closed) when the ``with`` block exits.
+
+    Tables persist until they are unlinked: a script that crashes before its
+    ``unlink()`` leaves its table behind.  A temporary table is named
+    ``tmp-<pid>-<start time>-<random>[-label]``, so if its creator dies
+    before the block exits (``SIGKILL``), ``shmreg ls`` marks it an orphan
+    and ``shmreg clean`` removes it.  Other processes attach by ``t.name``.
+
+    :param label: appended to the name (letters, digits, ``_.-``).
+    :param options: ``capacity``, ``memory``, ``shards``, ``mode``, ``trust`` ... as for
+        :class:`Table`.
+
+    >>> with shmreg.temporary("batch", capacity=1000) as t:
+    ...     t["done"] = 0
+    ...     t.name.startswith("tmp-")
+    True
+    """
+    t = Table.create(temporary_name(label), **options)
+    try:
+        yield t
+    finally:
+        try:
+            t.unlink()
+        except TableNotFoundError:
+            pass
+        t.close()
 
 
 def unlink(name: str, *, trust: Trust | None = None) -> None:

@@ -117,6 +117,8 @@ class Watcher:
     :param on_death: ``on_death(pid, entries)`` is called with the dead
         process's ``(key, value)`` entries *before* they are deleted
         (post-mortem: what was that worker doing?).  Default: one log line.
+        Not called for a process that owned nothing any more (already
+        reaped elsewhere, or exited after deleting its entries).
         Exceptions it raises are logged; the entries are reaped regardless.
     :param interval: seconds between sweeps (liveness check of every owner,
         purge of expired entries).  Deaths are noticed between sweeps too,
@@ -232,10 +234,15 @@ class Watcher:
         owner = p["owner"]
         if self.on_death is not None:
             _, records = self.table._reap(owner, True, False)
-            try:
-                self.on_death(p["pid"], [(k, v) for k, v, _exp, _own in records])
-            except Exception:
-                log.exception("on_death callback failed for pid %d", p["pid"])
+            if not records:
+                # Nothing left: another hook (gunicorn's child_exit, a graceful
+                # exit) reaped it first.  Not a death worth reporting.
+                log.debug("process %d died; its entries were already reaped", p["pid"])
+            else:
+                try:
+                    self.on_death(p["pid"], [(k, v) for k, v, _exp, _own in records])
+                except Exception:
+                    log.exception("on_death callback failed for pid %d", p["pid"])
         n, _ = self.table._reap(owner, False)
         self.table._release(owner)
         self.reaped_processes += 1
