@@ -50,16 +50,6 @@ const char *shm_check_message(int code) {
 
 int shm_check_code_count(void) { return SHM_CHK_END - 1; }
 
-static size_t block_index(const uint64_t *blocks, size_t nb, uint64_t off) {
-    size_t lo = 0, hi = nb;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (blocks[mid] < off) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
-
 #define FAIL(c, x, y) do { e->code = (c); e->a = (x); e->b = (y); goto out; } while (0)
 
 void shm_check_shard(const shm_view_t *v, uint32_t si, shm_check_t *e) {
@@ -90,7 +80,7 @@ void shm_check_shard(const shm_view_t *v, uint32_t si, shm_check_t *e) {
         if (off == SHM_SLOT_EMPTY) continue;
         if (off == SHM_SLOT_TOMB) { tombs++; continue; }
         off -= 8;
-        lo = block_index(blocks, nb, off);
+        lo = shm_block_index(blocks, nb, off);
         if (lo == nb || blocks[lo] != off) FAIL(SHM_CHK_SLOT_NOT_BLOCK, i, off);
         if (mark[lo]) FAIL(SHM_CHK_SLOT_DUP, i, off);
         mark[lo] = 1;
@@ -117,7 +107,7 @@ void shm_check_shard(const shm_view_t *v, uint32_t si, shm_check_t *e) {
         uint64_t cur = sh->bins[b], steps = 0;
         if (cur != SHM_NIL && !(sh->binmap & (1ULL << b))) FAIL(SHM_CHK_BINMAP, b, cur);
         while (cur != SHM_NIL) {
-            size_t lo = block_index(blocks, nb, cur);
+            size_t lo = shm_block_index(blocks, nb, cur);
             /* Seen in a list already: this list loops (or two lists share a tail). */
             if (lo < nb && blocks[lo] == cur && mark[lo] == 2) FAIL(SHM_CHK_LIST_CYCLE, b, cur);
             if (lo == nb || blocks[lo] != cur || mark[lo] || (((const shm_item_t *)(ar + cur))->flags & SHM_BLOCK_USED))

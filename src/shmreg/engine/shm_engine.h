@@ -271,6 +271,17 @@ uint64_t shm_alloc_block(shm_view_t *v, uint32_t si, uint64_t need);
 void shm_free_block(shm_view_t *v, uint32_t si, uint64_t off);
 int shm_coalesce(shm_view_t *v, uint32_t si);
 int shm_walk_blocks(const shm_view_t *v, uint32_t si, uint64_t **out, size_t *nout);
+/* Index of off in the ascending block starts of a walk, or where it would go
+ * (nb if past the end): callers check blocks[i] == off. */
+static inline size_t shm_block_index(const uint64_t *blocks, size_t nb, uint64_t off) {
+    size_t lo = 0, hi = nb;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (blocks[mid] < off) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
 uint32_t shm_bin_of(uint64_t size);
 static inline uint64_t shm_word0(uint64_t size, uint64_t klen, uint64_t types, uint64_t flags) {
     return size | (klen << 32) | (types << 48) | (flags << 56);

@@ -13,16 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static size_t block_index(const uint64_t *blocks, size_t nb, uint64_t off) {
-    size_t lo = 0, hi = nb;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (blocks[mid] < off) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
-}
-
 static void recount(shm_view_t *v, uint32_t si) {
     shm_shard_t *sh = shm_shard(v, si);
     const uint64_t *ix = shm_index(v, si);
@@ -64,7 +54,7 @@ static int reconcile(shm_view_t *v, uint32_t si) {
         size_t lo;
         if (off <= SHM_SLOT_TOMB) continue;
         off -= 8;
-        lo = block_index(blocks, nb, off);
+        lo = shm_block_index(blocks, nb, off);
         if (lo == nb || blocks[lo] != off || ref[lo]) {
             /* A slot that points nowhere sane cannot come from a crash (every
              * publish is one store of a complete item): the shard is corrupt. */
