@@ -70,8 +70,18 @@ class ShmregCache(BaseCache):
     """
 
     def __init__(self, name: str = "cachelib", default_timeout: Timeout = 300,
-                 key_prefix: str | Callable[[], str] = "", *, capacity: int | None = None,
-                 memory: int | None = None, ignore_delete_many_errors: bool = True) -> None:
+                 key_prefix: str | Callable[[], str] = "", *flask_caching_call: Any,
+                 capacity: int | None = None, memory: int | None = None,
+                 ignore_delete_many_errors: bool = True) -> None:
+        if flask_caching_call and hasattr(name, "extensions") and isinstance(default_timeout, dict):
+            # Flask-Caching before 2.5 calls a CACHE_TYPE class that is not
+            # its own BaseCache as a factory: (app, config, args, options).
+            args, options = key_prefix, flask_caching_call[0]
+            self.__init__(*args, **options)  # type: ignore[misc]
+            return
+        if flask_caching_call:
+            raise TypeError("ShmregCache() takes at most 3 positional arguments "
+                            "(name, default_timeout, key_prefix)")
         super().__init__(default_timeout=0)   # (older cachelib has no other argument)
         self.ignore_delete_many_errors = ignore_delete_many_errors
         self.default_timeout = self._seconds(300 if default_timeout is None else default_timeout)

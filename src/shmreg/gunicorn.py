@@ -726,7 +726,12 @@ def on_exit(server: Any) -> None:
         for name, t in _existing_tables(log):
             try:
                 others = sorted({p["pid"] for p in t._proc_table() if p["alive"] and p["pid"] != me})
-                if others and _wait_for_own_workers(others, me):
+                if others:
+                    # Look again whatever the wait found: gunicorn's SIGCHLD
+                    # handler may have reaped (and child_exit released) a
+                    # killed worker in the meantime - it is then no child of
+                    # ours to wait for, and no longer alive either.
+                    _wait_for_own_workers(others, me)
                     others = sorted({p["pid"] for p in t._proc_table() if p["alive"] and p["pid"] != me})
                 if others:
                     log.warning("shmreg: not unlinking %r: live processes %s hold slots in it",
