@@ -9,12 +9,11 @@ import http.cookies
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
 import shmreg
-from _helpers import wait_until
+from _helpers import stop_process_tree, unlink_tables, wait_until
 
 
 class GunicornServer:
@@ -87,25 +86,9 @@ class GunicornServer:
         unlink every table under the prefix."""
         try:
             workers = self.worker_pids()
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            for pid in workers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_process_tree(self.proc, workers, timeout=15)
         finally:
             self._log.close()
             if self.registry is not None:
                 self.registry.close()
-            for name in shmreg.list_tables():
-                if name.startswith(self.prefix):
-                    try:
-                        shmreg.unlink(name)
-                    except shmreg.TableNotFoundError:
-                        pass
+            unlink_tables(self.prefix)

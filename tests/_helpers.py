@@ -70,3 +70,35 @@ def layout_struct(struct_name: str, fields) -> tuple:
         pos = off + size
     assert _struct.calcsize(fmt) == pos
     return fmt, offsets
+
+
+def stop_process_tree(proc, leftovers=(), timeout: float = 15) -> None:
+    """Stop a server started by a test: SIGTERM ``proc`` (waiting at most
+    ``timeout`` s, then SIGKILL), then SIGKILL the children it may have left
+    behind (``leftovers``: pids read before it was told to stop)."""
+    import signal
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def unlink_tables(prefix: str) -> None:
+    """Unlink every table whose name starts with ``prefix``."""
+    import shmreg
+
+    for name in shmreg.list_tables():
+        if name.startswith(prefix):
+            try:
+                shmreg.unlink(name)
+            except shmreg.TableNotFoundError:
+                pass

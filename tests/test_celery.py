@@ -26,7 +26,7 @@ import sys
 import pytest
 
 import shmreg
-from _helpers import unique_name, wait_until
+from _helpers import stop_process_tree, unique_name, unlink_tables, wait_until
 
 celery = pytest.importorskip("celery", reason="pip install -e .[test]")
 pytest.importorskip("prometheus_client", reason="pip install -e .[test]")
@@ -121,26 +121,10 @@ class Worker:
     def stop(self) -> None:
         pool = self.pool()
         try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            for pid in pool:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_process_tree(self.proc, pool, timeout=20)
         finally:
             self._log.close()
-            for name in shmreg.list_tables():
-                if name.startswith(self.prefix):
-                    try:
-                        shmreg.unlink(name)
-                    except shmreg.TableNotFoundError:
-                        pass
+            unlink_tables(self.prefix)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import pytest
 import shmreg
 import shmreg.gunicorn as sg
 from shmreg import _segment
-from _helpers import unique_name, wait_until
+from _helpers import stop_process_tree, unique_name, wait_until
 
 gunicorn = pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install -e .[test])")
 from gunicorn.config import KNOWN_SETTINGS, Config  # noqa: E402
@@ -105,18 +105,7 @@ class Server:
         """SIGTERM (bounded), then SIGKILL the arbiter and any worker it left; unlink the tables."""
         try:
             workers = self.worker_pids() if hasattr(self, "registry") else set()
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            for pid in workers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_process_tree(self.proc, workers, timeout=10)
         finally:
             self._log.close()
             for attr in ("counters", "scoreboard", "registry"):

@@ -23,7 +23,7 @@ import sys
 import pytest
 
 import shmreg
-from _helpers import unique_name, wait_until
+from _helpers import stop_process_tree, unique_name, wait_until
 
 pytest.importorskip("gunicorn", reason="pip install -e .[test]")
 pytest.importorskip("prometheus_client", reason="pip install -e .[test]")
@@ -93,18 +93,7 @@ class Server:
     def stop(self) -> None:
         workers = self.workers()
         try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            for pid in workers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_process_tree(self.proc, workers, timeout=15)
         finally:
             self._log.close()
             try:
