@@ -385,10 +385,6 @@ cdef class CoreTable:
         self.enter()
         try:
             shm_key_hash(self.v, &k.k)
-            if v.v.n > 0xFFFFFFFF or shm_item_need(k.k.n, v.v.n) > self.v.arena_size:
-                raise ValueTooLargeError(
-                    f"value of {v.v.n} bytes can never fit: a shard holds {self.v.arena_size} bytes "
-                    f"(create the table with more memory)")
             now = self.now()
             exp = self.expires_at(ttl, now)
             si = shm_shard_of(self.v, k.k.h)
