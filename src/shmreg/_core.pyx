@@ -863,11 +863,6 @@ cdef class CoreTable:
         """Owner id of this process in this table (0 until its first owned write)."""
         return self.m.self_owner if self.m is not None else 0
 
-    @_self_owner_id.setter
-    def _self_owner_id(self, value):
-        if self.m is not None and value == 0:
-            self.m.forget_after_fork()
-
     def _self_owner(self):
         """This process's owner id in this table, claiming a slot on first use."""
         if self.is_closed:

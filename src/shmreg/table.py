@@ -32,10 +32,12 @@ _live_tables: "weakref.WeakSet[Table]" = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     # Read counters and the owner slot are per process: a forked child starts
-    # its own (its entries must not live on through the parent's slot).
+    # its own (its entries must not live on through the parent's slot).  The
+    # core resets its mappings itself; this is also the entry point for
+    # servers that fork from C (uWSGI), where no at-fork hook runs.
     for t in list(_live_tables):
         t._hits = t._misses = t._read_retries = t._lock_fallbacks = 0
-        t._self_owner_id = 0
+    _core._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
