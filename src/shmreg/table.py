@@ -395,7 +395,7 @@ class Table(_core.CoreTable):
             "entries": len(self),
             "capacity": h["capacity"],
             "memory": h["memory"],
-            "segment_bytes": h["total_size"],
+            "segment_bytes": h["total_size"] if allocated is None else allocated,
             "shards": h["nshards"],
             "grows": h["grows"],
             "index_slots": s["index_slots"],
