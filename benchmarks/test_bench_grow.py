@@ -21,8 +21,12 @@ import pytest
 import _bench_common as bc
 import shmreg
 
+# Building a 1e7 store and the insert runs take minutes, not the tests' 2.
+pytestmark = pytest.mark.timeout(3600)
+
 SIZES = [1_000, 100_000, 1_000_000] + ([10_000_000] if os.environ.get("SHMREG_BENCH_BIG") == "1" else [])
 VALUE = bytes(range(64))
+INSERT_ROUNDS = int(os.environ.get("SHMREG_BENCH_ROUNDS", "3"))
 
 
 def key(i: int) -> bytes:
@@ -159,43 +163,56 @@ def test_resident_bytes_per_entry(tmp_path):
 def test_insert_growing_vs_presized(benchmark, n):
     """Insert n keys into a growing table and into one pre-sized for them;
     each set() is timed, so the longest pause a writer sees (a grow step)
-    is measured too.  Readers are lock-free throughout (not timed here)."""
+    is measured too: in wall time (which on a busy machine includes being
+    preempted) and in the thread's CPU time (the work the set did).
+    Readers are lock-free throughout (not timed here)."""
     result = {}
 
     def run(grow: bool):
         name = bc.unique_table_name("ins")
         t = shmreg.Table(name) if grow else shmreg.Table(name, capacity=n, memory=n * 112)
-        clock = time.perf_counter_ns
-        worst = 0
+        clock, cpu = time.perf_counter_ns, time.thread_time_ns
+        worst = worst_cpu = 0
         try:
             start = clock()
             for i in range(n):
                 k = key(i)
+                c0 = cpu()
                 t0 = clock()
                 t[k] = VALUE
                 dt = clock() - t0
+                dc = cpu() - c0
                 if dt > worst:
                     worst = dt
+                if dc > worst_cpu:
+                    worst_cpu = dc
             total = clock() - start
             grows = t.stats()["growth_events"]
         finally:
             t.unlink()
             t.close()
-        return total, worst, grows
+        return total, worst, grows, worst_cpu
 
     def both():
-        g = run(True)
-        p = run(False)
+        # Interleaved, best of ROUNDS each: the machine's load changes.
+        gs, ps = [], []
+        for _ in range(INSERT_ROUNDS):
+            gs.append(run(True))
+            ps.append(run(False))
+        g = (min(x[0] for x in gs), min(x[1] for x in gs), gs[0][2], min(x[3] for x in gs))
+        p = (min(x[0] for x in ps), min(x[1] for x in ps), ps[0][2], min(x[3] for x in ps))
         result.update(growing_s=g[0] / 1e9, presized_s=p[0] / 1e9, worst_pause_growing_ms=g[1] / 1e6,
                       worst_pause_presized_ms=p[1] / 1e6, growth_events=g[2],
+                      worst_cpu_growing_ms=g[3] / 1e6, worst_cpu_presized_ms=p[3] / 1e6,
                       throughput_ratio=(p[0] / g[0]))
 
     benchmark.group = f"insert {n:,} keys: growing vs pre-sized"
     benchmark.pedantic(both, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     line = (f"insert {n:,}: growing {n / result['growing_s']:,.0f}/s, pre-sized {n / result['presized_s']:,.0f}/s"
-            f" -> growing at {result['throughput_ratio'] * 100:.0f}% (target >= 70%); longest set(): growing "
-            f"{result['worst_pause_growing_ms']:.2f} ms, pre-sized {result['worst_pause_presized_ms']:.2f} ms "
+            f" -> growing at {result['throughput_ratio'] * 100:.0f}% (target >= 70%); longest set(), wall: growing "
+            f"{result['worst_pause_growing_ms']:.2f} ms, pre-sized {result['worst_pause_presized_ms']:.2f} ms; "
+            f"CPU: growing {result['worst_cpu_growing_ms']:.2f} ms, pre-sized {result['worst_cpu_presized_ms']:.2f} ms "
             f"({result['growth_events']} growth steps)")
     bc.NOTES.append(line)
     print(line)

@@ -227,6 +227,7 @@ def test_nospace_while_growing_is_an_error_and_the_table_stays_intact(small_tmpf
     code = r"""
         import os, shmreg, sys
         c = shmreg.Cache("cache", grow=True)    # made first: it must find room to grow later
+        p = shmreg.Table("presized", capacity=2000, memory=1 << 19)   # all allocated at creation
         t = shmreg.Table("grows")
         n = 0
         try:
@@ -240,6 +241,14 @@ def test_nospace_while_growing_is_an_error_and_the_table_stays_intact(small_tmpf
         assert len(t) == n
         assert all(t[f"k{i}"] == ("%d|" % i) * 20 for i in range(n))
         assert t.stats()["nospace_errors"] > 0
+        # A pre-sized table never needs more than it has: churn that
+        # rebuilds its index many times works on the full filesystem.
+        for i in range(30_000):
+            p[f"p{i}"] = b"p" * 40
+            if i >= 1500:
+                del p[f"p{i - 1500}"]
+        assert p.stats()["index_rebuilds"] > 0 and len(p) == 1500
+        p.check()
         # Another process sees the same, intact table.
         for i in range(0, n, 101):
             assert t.get(f"k{i}") is not None

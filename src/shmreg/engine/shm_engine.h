@@ -130,6 +130,7 @@ typedef struct {
     uint64_t seed0, seed1;
     int mark_clock;          /* a cache table: readers set CLOCK bits */
     int fd;                  /* the segment's file, to allocate and punch; -1: all memory is there */
+    int grows;               /* shards start small; else all is allocated at creation, never punched */
     /* Process-local [GIL] state. */
     int *pidfds;             /* per slot: pidfd of a foreign owner, -1 none, -2 known dead */
     uint32_t *pidfd_gen;     /* generation the pidfd belongs to */

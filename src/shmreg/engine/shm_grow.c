@@ -57,7 +57,7 @@ int shm_fs_alloc(shm_view_t *v, uint64_t off, uint64_t len) {
 }
 
 void shm_fs_punch(shm_view_t *v, uint64_t off, uint64_t len) {
-    if (len == 0) return;
+    if (len == 0 || !v->grows) return;     /* a pre-sized table keeps all it has */
     if (v->fd < 0) {
         /* Process memory: reading a punched range gives zeros, so do that. */
         memset(v->base + off, 0, len);
@@ -168,6 +168,11 @@ int shm_compact_shard(shm_view_t *v, uint32_t si, int force, uint64_t *released)
     int r;
     *released = 0;
     if (cap > v->arena_size || sh->top > cap) return SHM_CORRUPT;
+    if (!v->grows) {
+        /* A pre-sized table keeps its memory: only drop tombstones. */
+        int rr = force && sh->tombs ? shm_resize_index(v, si, g.slots) : SHM_OK;
+        return rr == SHM_FULL || rr == SHM_NOSPACE ? SHM_OK : rr;
+    }
     /* The index: shrink when under a quarter full (or, forced, drop
      * tombstones at its size). */
     nslots = shrunk_slots(v, g.slots, sh->count);

@@ -79,8 +79,10 @@ int shm_plan_extent(const shm_plan_t *p, uint32_t i, uint64_t *off, uint64_t *le
     i--;
     if (i >= 2 * p->nshards) return 0;
     if (i % 2 == 0) {
-        *off = p->index_off + (uint64_t)i * p->index_buf;     /* buffer 0 of shard i/2 */
-        *len = align_up((uint64_t)p->init_slots * 8, SHM_PAGE);
+        /* Buffer 0 of shard i/2; a pre-sized table gets both buffers (they
+         * are adjacent), so that it never needs more memory than it has. */
+        *off = p->index_off + (uint64_t)i * p->index_buf;
+        *len = p->grows ? align_up((uint64_t)p->init_slots * 8, SHM_PAGE) : 2 * p->index_buf;
     } else {
         *off = p->arena_off + (uint64_t)(i / 2) * p->arena_size;
         *len = p->init_arena;
@@ -205,6 +207,7 @@ int shm_attach(shm_view_t *v, char *base, size_t size) {
     v->arena_base = base + plan.arena_off;
     v->mark_clock = (h->table_flags & SHM_TABLE_CLOCK) != 0;
     v->fd = -1;     /* the binding sets it: without one, growth allocates nothing */
+    v->grows = (h->table_flags & SHM_TABLE_GROWS) != 0;
     v->last_evicted = 0;
     return SHM_ATTACH_OK;
 }
