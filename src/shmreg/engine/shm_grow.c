@@ -88,17 +88,27 @@ int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots) {
     int r;
     if (!shm_geom_ok(v, g) || nslots < 8 || nslots > v->max_slots) return SHM_CORRUPT;
     if (sh->count >= shm_fill_limit(nslots)) return SHM_FULL;
-    r = shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8));
+    if (v->grows && v->fd >= 0) {
+        /* Punched first (a no-op unless a failed resize left data there),
+         * the idle buffer's new pages come zeroed: all EMPTY already. */
+        shm_fs_punch(v, buf_off(v, si, sel), v->index_buf);
+        r = shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8));
+    } else {
+        r = shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8));
+        if (r == SHM_OK)
+            for (uint32_t i = 0; i < nslots; i++) shm_store_rlx(&nix[i], SHM_SLOT_EMPTY);
+    }
     if (r != SHM_OK) {
         if (r == SHM_NOSPACE) sh->n_nospace++;
         return r;
     }
-    for (uint32_t i = 0; i < nslots; i++) shm_store_rlx(&nix[i], SHM_SLOT_EMPTY);
     for (uint32_t i = 0; i < cur.slots; i++) {
         uint64_t s = cur.ix[i], off = s & SHM_SLOT_OFFMASK;
         uint32_t pos, j;
         if (off <= SHM_SLOT_TOMB) continue;
-        if (!shm_item_ok(v, shm_arena(v, si), off - 8)) return SHM_CORRUPT;
+        /* The slot alone places it: no item is read (a resize of a big
+         * shard would otherwise miss the cache once per entry). */
+        if (((off - 8) & 7) || off - 8 > v->arena_size - SHM_BLOCK_MIN) return SHM_CORRUPT;
         pos = shm_slot_home(s, nslots);
         for (j = 0; j < nslots && nix[pos] != SHM_SLOT_EMPTY; j++)
             if (++pos == nslots) pos = 0;
