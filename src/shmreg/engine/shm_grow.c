@@ -167,7 +167,11 @@ int shm_compact_shard(shm_view_t *v, uint32_t si, int force, uint64_t *released)
     uint32_t nslots;
     int r;
     *released = 0;
-    if (cap > v->arena_size || sh->top > cap) return SHM_CORRUPT;
+    /* Refuse before touching anything when the shard's geometry is off (as
+     * the repair does): g is then a clamped view of no real index, and a
+     * move would copy items it cannot publish. */
+    if (!shm_geom_ok(v, shm_load_rlx(&sh->geom)) || cap > v->arena_size || cap % SHM_PAGE || sh->top > cap)
+        return SHM_CORRUPT;
     /* The index: shrink when under a quarter full (or, forced, drop
      * tombstones at its size). */
     nslots = shrunk_slots(v, g.slots, sh->count);

@@ -1,0 +1,375 @@
+/*
+ * Tables that grow: a shard starts with a page of index and a page of arena
+ * and grows both (index resizes into the idle buffer, arena_cap raised a
+ * step at a time), gives them back by compaction, and never lets a value of
+ * geom in shared memory point a reader outside the shard's reservation.
+ * The harness's table lives in process memory: a punch zeroes, so "given
+ * back" is visible as zeros.
+ */
+#include "check.h"
+#include "../harness.h"
+
+static char gname[64];
+
+static shm_key_t gkey(const th_table_t *t, unsigned i) {
+    int n = snprintf(gname, sizeof gname, "grow-key-%u", i);
+    return th_key(t, SHM_KT_STR, gname, (size_t)n);
+}
+
+/* Value of key i: (i * 13) % maxlen bytes, each a function of i and its
+ * position, so a value moved or mixed up is caught. */
+static size_t gval(unsigned i, unsigned maxlen, unsigned char *buf) {
+    size_t n = (i * 13u) % maxlen;
+    for (size_t j = 0; j < n; j++) buf[j] = (unsigned char)(i * 7u + j);
+    return n;
+}
+
+static int put_i(th_table_t *t, unsigned i, unsigned maxlen) {
+    unsigned char buf[4096];
+    shm_key_t k = gkey(t, i);
+    size_t n = gval(i, maxlen, buf);
+    shm_val_t val = th_val(SHM_VT_BYTES, buf, n);
+    return shm_put(&t->v, th_shard(t, &k), &k, &val, 0, 0, SHM_PUT_SET, 1, NULL, NULL);
+}
+
+/* 1: key i holds its value, 0: absent, -1: holds something else. */
+static int has_i(th_table_t *t, unsigned i, unsigned maxlen) {
+    unsigned char buf[4096];
+    shm_key_t k = gkey(t, i);
+    size_t n = gval(i, maxlen, buf), got;
+    const char *p = th_get(t, &k, &got);
+    if (!p) return 0;
+    return got == n && memcmp(p, buf, n) == 0 ? 1 : -1;
+}
+
+static int all_zero(const char *p, uint64_t n) {
+    for (uint64_t i = 0; i < n; i++) if (p[i]) return 0;
+    return 1;
+}
+
+static uint32_t geom_slots(const th_table_t *t, uint32_t si) { return (uint32_t)shm_shard(&t->v, si)->geom; }
+static unsigned geom_sel(const th_table_t *t, uint32_t si) { return (unsigned)(shm_shard(&t->v, si)->geom >> 32) & 1; }
+
+TEST(grow_from_empty_through_many_resizes) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    uint32_t resizes = 0, arena_steps = 0, last_slots;
+    uint64_t last_cap;
+    const unsigned N = 15000;
+    CHECK(th_open_grow(&t, 16000, 4 << 20, 1, 0, 1) == 0);
+    sh = shm_shard(&t.v, 0);
+    CHECK_EQ(geom_slots(&t, 0), t.v.init_slots);
+    CHECK_EQ(t.v.init_slots, SHM_INIT_SLOTS);
+    CHECK_EQ(sh->arena_cap, SHM_PAGE);
+    CHECK(t.v.max_slots > 16000);
+    CHECK_ALL_OK(&t);
+    last_slots = geom_slots(&t, 0);
+    last_cap = sh->arena_cap;
+    for (unsigned i = 0; i < N; i++) {
+        CHECK_EQ(put_i(&t, i, 200), SHM_OK);
+        if (geom_slots(&t, 0) != last_slots) {
+            /* Doubled (or capped at the limit), only when over half full. */
+            CHECK(geom_slots(&t, 0) == last_slots * 2 || geom_slots(&t, 0) == t.v.max_slots);
+            CHECK(sh->count > last_slots / 2);
+            resizes++;
+            last_slots = geom_slots(&t, 0);
+            CHECK_SHARD_OK(&t.v, 0);
+            /* The buffer that was live is given back (zeros here). */
+            CHECK(all_zero((const char *)shm_index_buf(&t.v, 0, geom_sel(&t, 0) ^ 1), t.v.index_buf));
+        }
+        if (sh->arena_cap != last_cap) {
+            CHECK(sh->arena_cap > last_cap);
+            CHECK_EQ(sh->arena_cap % SHM_PAGE, 0);
+            CHECK(sh->top <= sh->arena_cap && sh->arena_cap <= t.v.arena_size);
+            arena_steps++;
+            last_cap = sh->arena_cap;
+            if (arena_steps % 8 == 0) CHECK_SHARD_OK(&t.v, 0);
+        }
+    }
+    CHECK_ALL_OK(&t);
+    /* Doubling at the fill limit: 512 -> 1024 -> ... -> 16384 -> the limit
+     * (20520 slots): six resizes. */
+    CHECK_EQ(resizes, 6);
+    CHECK_EQ(geom_slots(&t, 0), t.v.max_slots);
+    CHECK(arena_steps > 20);
+    CHECK_EQ(sh->n_grows, resizes + arena_steps);
+    CHECK_EQ(sh->count, N);
+    CHECK_EQ(sh->tombs, 0);
+    /* Little is allocated and unused: at most a step (1/32) plus a page. */
+    CHECK(sh->arena_cap - sh->top <= sh->arena_cap / 32 + SHM_PAGE);
+    /* Nothing past arena_cap was ever written. */
+    CHECK(all_zero(shm_arena(&t.v, 0) + sh->arena_cap, t.v.arena_size - sh->arena_cap));
+    for (unsigned i = 0; i < N; i++) CHECK_EQ(has_i(&t, i, 200), 1);
+    th_close(&t);
+}
+
+TEST(grow_shards_grow_independently) {
+    static th_table_t t;
+    unsigned grown = 0;
+    CHECK(th_open_grow(&t, 40000, 8 << 20, 4, 0, 1) == 0);
+    /* Only shard 2's keys: the other shards stay at their first page. */
+    for (unsigned i = 0, n = 0; n < 3000; i++) {
+        shm_key_t k = gkey(&t, i);
+        if (th_shard(&t, &k) != 2) continue;
+        CHECK_EQ(put_i(&t, i, 64), SHM_OK);
+        n++;
+    }
+    for (uint32_t s = 0; s < 4; s++) {
+        if (s == 2) continue;
+        CHECK_EQ(geom_slots(&t, s), t.v.init_slots);
+        CHECK_EQ(shm_shard(&t.v, s)->arena_cap, t.v.init_arena);
+        CHECK_EQ(shm_shard(&t.v, s)->n_grows, 0);
+    }
+    grown = geom_slots(&t, 2);
+    CHECK(grown >= 4096);
+    CHECK(shm_shard(&t.v, 2)->arena_cap > 64 * 3000 / 2);
+    CHECK_ALL_OK(&t);
+    th_close(&t);
+}
+
+TEST(grow_shrink_and_compact_return_to_initial_sizes) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    const unsigned N = 6000;
+    unsigned kept = 0;
+    uint64_t released = 0, used_before;
+    CHECK(th_open_grow(&t, 8000, 2 << 20, 1, 0, 1) == 0);
+    sh = shm_shard(&t.v, 0);
+    for (unsigned i = 0; i < N; i++) CHECK_EQ(put_i(&t, i, 120), SHM_OK);
+    CHECK(geom_slots(&t, 0) >= 8192);
+    CHECK(sh->arena_cap > 100 * SHM_PAGE);
+    /* Keep 16 entries spread over the whole arena (the last ones written lie
+     * at its end: they must move down). */
+    for (unsigned i = 0; i < N; i++) {
+        shm_key_t k = gkey(&t, i);
+        if (i % 397 == 5 || i == N - 1) { kept++; continue; }
+        CHECK_EQ(shm_remove(&t.v, 0, &k, 1, 0, NULL), SHM_OK);
+    }
+    CHECK_EQ(sh->count, kept);
+    CHECK_SHARD_OK(&t.v, 0);
+    used_before = sh->used;
+    CHECK_EQ(shm_compact_shard(&t.v, 0, 0, &released), SHM_OK);
+    CHECK_SHARD_OK(&t.v, 0);
+    /* Index back to its first size, arena back to its first page. */
+    CHECK_EQ(geom_slots(&t, 0), t.v.init_slots);
+    CHECK_EQ(sh->arena_cap, t.v.init_arena);
+    CHECK(sh->n_moves > 0);
+    CHECK(sh->n_shrinks >= 2);
+    CHECK_EQ(sh->used, used_before);
+    CHECK_EQ(sh->count, kept);
+    CHECK(released > 100 * SHM_PAGE);
+    /* What was given back is gone (zeros), the idle index buffer too. */
+    CHECK(all_zero(shm_arena(&t.v, 0) + sh->arena_cap, t.v.arena_size - sh->arena_cap));
+    CHECK(all_zero((const char *)shm_index_buf(&t.v, 0, geom_sel(&t, 0) ^ 1), t.v.index_buf));
+    for (unsigned i = 0; i < N; i++)
+        CHECK_EQ(has_i(&t, i, 120), (i % 397 == 5 || i == N - 1) ? 1 : 0);
+    /* Nothing left to do: a second compaction changes nothing. */
+    CHECK_EQ(shm_compact_shard(&t.v, 0, 0, &released), SHM_OK);
+    CHECK_EQ(released, 0);
+    /* And it grows again from there. */
+    for (unsigned i = N; i < N + 3000; i++) CHECK_EQ(put_i(&t, i, 120), SHM_OK);
+    CHECK_SHARD_OK(&t.v, 0);
+    CHECK(geom_slots(&t, 0) >= 4096);
+    for (unsigned i = N; i < N + 3000; i++) CHECK_EQ(has_i(&t, i, 120), 1);
+    CHECK_EQ(has_i(&t, N - 1, 120), 1);
+    th_close(&t);
+}
+
+TEST(grow_clock_bits_survive_resizes) {
+    static th_table_t t;
+    const unsigned N = 100;
+    uint64_t off;
+    int64_t ins, pos;
+    uint64_t released;
+    CHECK(th_open_grow(&t, 4000, 1 << 20, 1, 1, 1) == 0);
+    CHECK(t.v.mark_clock);
+    for (unsigned i = 0; i < N; i++) CHECK_EQ(put_i(&t, i, 40), SHM_OK);
+    for (unsigned i = 0; i < N; i += 3) {
+        shm_key_t k = gkey(&t, i);
+        pos = shm_find(&t.v, 0, &k, &off, &ins);
+        CHECK(pos >= 0);
+        shm_mark_referenced(&t.v, 0, pos);
+    }
+    /* Grow (doubling), shrink (compaction), and a rebuild at the same size:
+     * each slot keeps its CLOCK bit. */
+    for (int step = 0; step < 3; step++) {
+        uint32_t before = geom_slots(&t, 0);
+        if (step == 0) {
+            CHECK_EQ(shm_resize_index(&t.v, 0, shm_grown_slots(&t.v, before)), SHM_OK);
+            CHECK(geom_slots(&t, 0) > before);
+        } else if (step == 1) {
+            CHECK_EQ(shm_compact_shard(&t.v, 0, 0, &released), SHM_OK);
+            CHECK(geom_slots(&t, 0) < before);
+        } else {
+            CHECK_EQ(shm_resize_index(&t.v, 0, before), SHM_OK);
+        }
+        CHECK_SHARD_OK(&t.v, 0);
+        for (unsigned i = 0; i < N; i++) {
+            shm_key_t k = gkey(&t, i);
+            pos = shm_find(&t.v, 0, &k, &off, &ins);
+            CHECK(pos >= 0);
+            CHECK_EQ((shm_ix(&t.v, 0).ix[pos] & SHM_SLOT_CLOCK) != 0, i % 3 == 0);
+            CHECK_EQ(has_i(&t, i, 40), 1);
+        }
+    }
+    th_close(&t);
+}
+
+TEST(grow_resize_refused_when_too_small) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    uint64_t g;
+    CHECK(th_open_grow(&t, 4000, 1 << 20, 1, 0, 1) == 0);
+    sh = shm_shard(&t.v, 0);
+    for (unsigned i = 0; i < 500; i++) CHECK_EQ(put_i(&t, i, 30), SHM_OK);
+    g = sh->geom;
+    CHECK_EQ((uint32_t)g, 1024);
+    /* 500 entries do not fit 256 slots (fill limit 231), nor 555 (500). */
+    CHECK_EQ(shm_resize_index(&t.v, 0, 256), SHM_FULL);
+    CHECK_EQ(shm_resize_index(&t.v, 0, 555), SHM_FULL);
+    /* Sizes outside the reservation are refused, not clamped. */
+    CHECK(shm_resize_index(&t.v, 0, 4) < 0);
+    CHECK(shm_resize_index(&t.v, 0, t.v.max_slots + 1) < 0);
+    CHECK_EQ(sh->geom, g);
+    CHECK_EQ(sh->seq & 1, 0);
+    CHECK_SHARD_OK(&t.v, 0);
+    for (unsigned i = 0; i < 500; i++) CHECK_EQ(has_i(&t, i, 30), 1);
+    /* 556 is just enough (fill limit 501). */
+    CHECK_EQ(shm_resize_index(&t.v, 0, 556), SHM_OK);
+    CHECK_EQ(geom_slots(&t, 0), 556);
+    CHECK_SHARD_OK(&t.v, 0);
+    for (unsigned i = 0; i < 500; i++) CHECK_EQ(has_i(&t, i, 30), 1);
+    th_close(&t);
+}
+
+TEST(grow_corrupt_geom_is_clamped_into_the_reservation) {
+    static th_table_t t;
+    static const uint64_t bad[] = {
+        0, 1, 7, 0xFFFFFFFFULL, 0x1FFFFFFFFULL, (1ULL << 33) | 512, 0xFFFFFFFFFFFFFFFFULL,
+        SHM_GEOM_SEL | 3, 0x8000000000000200ULL,
+    };
+    CHECK(th_open_grow(&t, 4000, 1 << 20, 4, 0, 1) == 0);
+    for (unsigned i = 0; i < 400; i++) CHECK_EQ(put_i(&t, i, 50), SHM_OK);
+    for (uint32_t si = 0; si < 4; si++) {
+        shm_shard_t *sh = shm_shard(&t.v, si);
+        uint64_t good = sh->geom;
+        const char *lo = (const char *)shm_index_buf(&t.v, si, 0);
+        const char *hi = lo + 2 * t.v.index_buf;
+        for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {
+            shm_ix_t g;
+            shm_check_t e;
+            sh->geom = bad[b];
+            g = shm_ix(&t.v, si);
+            /* Whatever geom holds, the index a reader probes lies inside this
+             * shard's two buffers. */
+            CHECK(g.slots >= 8 && g.slots <= t.v.max_slots);
+            CHECK((const char *)g.ix >= lo && (const char *)(g.ix + g.slots) <= hi);
+            CHECK(g.max_fill < g.slots);
+            /* Probes end in a status, never outside the mapping (ASan). */
+            for (unsigned i = 0; i < 400; i++) {
+                shm_key_t k = gkey(&t, i);
+                uint64_t off;
+                int64_t ins;
+                if (th_shard(&t, &k) == si) (void)shm_find(&t.v, si, &k, &off, &ins);
+            }
+            shm_check_shard(&t.v, si, &e);
+            CHECK(e.code != 0);
+            if (!shm_geom_ok(&t.v, bad[b])) {
+                uint64_t rel;
+                CHECK_EQ(e.code, 26);     /* GEOM */
+                CHECK_EQ(shm_repair_shard(&t.v, si), SHM_CORRUPT);
+                CHECK_EQ(shm_resize_index(&t.v, si, t.v.init_slots), SHM_CORRUPT);
+                CHECK(shm_compact_shard(&t.v, si, 1, &rel) < 0);
+            }
+        }
+        sh->geom = good;
+        CHECK_SHARD_OK(&t.v, si);
+    }
+    for (unsigned i = 0; i < 400; i++) CHECK_EQ(has_i(&t, i, 50), 1);
+    th_close(&t);
+}
+
+TEST(grow_compaction_fills_holes_of_mixed_sizes) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    const unsigned N = 900;
+    uint64_t released = 0, top_before, used_before;
+    unsigned kept = 0;
+    CHECK(th_open_grow(&t, 2000, 2 << 20, 1, 0, 1) == 0);
+    sh = shm_shard(&t.v, 0);
+    /* Values of 0 to 2000 bytes: blocks of 32 to ~2 KiB. */
+    for (unsigned i = 0; i < N; i++) CHECK_EQ(put_i(&t, i, 2003), SHM_OK);
+    /* Holes of every size: single small blocks, runs of 2-5 blocks that
+     * coalesce, and big ones; keep the rest. */
+    for (unsigned i = 0; i < N; i++) {
+        shm_key_t k = gkey(&t, i);
+        unsigned r = (i * 2654435761u) >> 27;    /* 0..31 */
+        if (r < 14 || (i / 7) % 5 == 2) {
+            CHECK_EQ(shm_remove(&t.v, 0, &k, 1, 0, NULL), SHM_OK);
+        } else {
+            kept++;
+        }
+    }
+    CHECK(kept > 200 && kept < N - 200);
+    CHECK_SHARD_OK(&t.v, 0);
+    top_before = sh->top;
+    used_before = sh->used;
+    CHECK_EQ(shm_compact_shard(&t.v, 0, 1, &released), SHM_OK);
+    CHECK_SHARD_OK(&t.v, 0);
+    CHECK(sh->n_moves > 50);
+    CHECK(sh->top < top_before);
+    CHECK(released > 0);
+    CHECK_EQ(sh->arena_cap, (sh->top + SHM_PAGE - 1) / SHM_PAGE * SHM_PAGE);
+    /* A moved item may take a whole hole (a remainder under 32 bytes is no
+     * block): used grows by those few bytes at most. */
+    CHECK(sh->used >= used_before && sh->used - used_before < 24 * sh->n_moves + 1);
+    for (unsigned i = 0; i < N; i++) {
+        unsigned r = (i * 2654435761u) >> 27;
+        CHECK_EQ(has_i(&t, i, 2003), (r < 14 || (i / 7) % 5 == 2) ? 0 : 1);
+    }
+    /* The free space left lies in the holes nothing fitted: the arena
+     * remains usable (writes of every size succeed, checked). */
+    for (unsigned i = N; i < N + 300; i++) CHECK_EQ(put_i(&t, i, 2003), SHM_OK);
+    CHECK_SHARD_OK(&t.v, 0);
+    th_close(&t);
+}
+
+TEST(grow_presized_table_never_grows) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    unsigned i;
+    int st = SHM_OK;
+    CHECK(th_open_grow(&t, 100, 16384, 1, 0, 0) == 0);
+    sh = shm_shard(&t.v, 0);
+    CHECK_EQ(geom_slots(&t, 0), t.v.max_slots);
+    CHECK_EQ(sh->arena_cap, t.v.arena_size);
+    for (i = 0; i < 10000 && st == SHM_OK; i++) st = put_i(&t, i, 100);
+    CHECK_EQ(st, SHM_FULL);
+    CHECK_EQ(sh->n_grows, 0);
+    CHECK_EQ(geom_slots(&t, 0), t.v.max_slots);
+    CHECK_EQ(sh->arena_cap, t.v.arena_size);
+    CHECK_SHARD_OK(&t.v, 0);
+    th_close(&t);
+}
+
+TEST(grow_at_the_limit_is_full) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    unsigned i, n = 0;
+    int st = SHM_OK;
+    /* A growing table stops at its limits with SHM_FULL, like a pre-sized one. */
+    CHECK(th_open_grow(&t, 600, 32768, 1, 0, 1) == 0);
+    sh = shm_shard(&t.v, 0);
+    for (i = 0; i < 5000 && st == SHM_OK; i++) {
+        st = put_i(&t, i, 100);
+        if (st == SHM_OK) n++;
+    }
+    CHECK_EQ(st, SHM_FULL);
+    CHECK_EQ(sh->arena_cap, t.v.arena_size);
+    CHECK(geom_slots(&t, 0) <= t.v.max_slots);
+    CHECK_EQ(sh->count, n);
+    CHECK(sh->n_full >= 1);
+    CHECK_SHARD_OK(&t.v, 0);
+    for (i = 0; i < n; i++) CHECK_EQ(has_i(&t, i, 100), 1);
+    th_close(&t);
+}
