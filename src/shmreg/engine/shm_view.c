@@ -35,6 +35,9 @@ int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, int grows, shm
     if (want * n > (double)(1ULL << 40)) { *why = "capacity too large"; return -1; }
     slots = align_up((uint64_t)want, 8);
     if (slots * n > (1ULL << 40)) { *why = "capacity too large"; return -1; }
+    /* Slots per shard are a u32 (header, geom, every probe): more would be
+     * truncated into an index far smaller than the limit. */
+    if (slots > 0xFFFFFFF8ULL) { *why = "capacity too large for this shard count: pass more shards"; return -1; }
     /* Page multiples: a shard's arena grows and is given back a page at a time. */
     arena = align_up(memory / n + (memory % n != 0), SHM_PAGE);
     if (arena > 0xFFFFF000ULL) { *why = "memory too large for this shard count: pass more shards"; return -1; }

@@ -373,3 +373,34 @@ TEST(grow_at_the_limit_is_full) {
     for (i = 0; i < n; i++) CHECK_EQ(has_i(&t, i, 100), 1);
     th_close(&t);
 }
+
+TEST(grow_plan_keeps_slots_within_32_bits) {
+    /* A slot count per shard is a u32 everywhere (header, geom, probes): a
+     * capacity that needs more per shard is refused, not truncated into a
+     * much smaller index than the limit promises. */
+    static const uint64_t caps[] = { 1ULL << 20, 1ULL << 31, 3ULL << 31, 1ULL << 32, 1ULL << 33, 1ULL << 35, 1ULL << 38 };
+    static const uint32_t shards[] = { 1, 8, 64, 1024 };
+    for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+        for (size_t s = 0; s < sizeof shards / sizeof shards[0]; s++) {
+            for (int grows = 0; grows < 2; grows++) {
+                shm_plan_t p;
+                const char *why = NULL;
+                double per = (double)caps[c] / shards[s];
+                if (shm_plan(caps[c], 1 << 20, shards[s], grows, &p, &why) != 0) {
+                    CHECK(why != NULL);
+                    continue;
+                }
+                /* Accepted: the index holds the shard's share at a load of at most 0.8. */
+                CHECK((double)p.slots * 0.8 >= per);
+                CHECK_EQ(p.index_buf, ((uint64_t)p.slots * 8 + SHM_PAGE - 1) / SHM_PAGE * SHM_PAGE);
+                CHECK(p.max_fill < p.slots && p.init_slots <= p.slots);
+            }
+        }
+    }
+    {
+        shm_plan_t p;
+        const char *why = NULL;
+        CHECK(shm_plan(1ULL << 33, 1 << 20, 1, 1, &p, &why) != 0);
+        CHECK(why != NULL);
+    }
+}
