@@ -73,8 +73,16 @@ static uint64_t buf_off(const shm_view_t *v, uint32_t si, unsigned sel) {
     return (uint64_t)((const char *)shm_index_buf(v, si, sel) - v->base);
 }
 
+/* A pre-sized table has both index buffers allocated at creation
+ * (shm_plan_extent) and keeps them: a rebuild must not fail, nor a cache
+ * evict, because the filesystem is full. */
+static int table_grows(const shm_view_t *v) {
+    return (shm_load_rlx(&v->hdr->table_flags) & SHM_TABLE_GROWS) != 0;
+}
+
 void shm_punch_idle_index(shm_view_t *v, uint32_t si) {
     uint64_t g = shm_load_rlx(&shm_shard(v, si)->geom);
+    if (!table_grows(v)) return;
     shm_fs_punch(v, buf_off(v, si, (unsigned)((g >> 32) & 1) ^ 1), v->index_buf);
 }
 
@@ -88,7 +96,7 @@ int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots) {
     int r;
     if (!shm_geom_ok(v, g) || nslots < 8 || nslots > v->max_slots) return SHM_CORRUPT;
     if (sh->count >= shm_fill_limit(nslots)) return SHM_FULL;
-    r = shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8));
+    r = table_grows(v) ? shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8)) : SHM_OK;
     if (r != SHM_OK) {
         if (r == SHM_NOSPACE) sh->n_nospace++;
         return r;
@@ -117,7 +125,7 @@ int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots) {
     else sh->n_rebuilds++;
     /* The old buffer's memory goes back; a reader still probing it (it
      * will retry: seq moved) reads zeros. */
-    shm_fs_punch(v, buf_off(v, si, sel ^ 1), v->index_buf);
+    if (table_grows(v)) shm_fs_punch(v, buf_off(v, si, sel ^ 1), v->index_buf);
     return SHM_OK;
 }
 

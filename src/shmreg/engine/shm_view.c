@@ -83,7 +83,10 @@ int shm_plan_extent(const shm_plan_t *p, uint32_t i, uint64_t *off, uint64_t *le
     if (i >= 2 * p->nshards) return 0;
     if (i % 2 == 0) {
         *off = p->index_off + (uint64_t)i * p->index_buf;     /* buffer 0 of shard i/2 */
-        *len = align_up((uint64_t)p->init_slots * 8, SHM_PAGE);
+        /* A pre-sized table allocates both buffers (they are adjacent): its
+         * index rebuilds then never need the filesystem, which a table that
+         * does not grow must not depend on. */
+        *len = p->grows ? align_up((uint64_t)p->init_slots * 8, SHM_PAGE) : 2 * p->index_buf;
     } else {
         *off = p->arena_off + (uint64_t)(i / 2) * p->arena_size;
         *len = p->init_arena;

@@ -404,3 +404,48 @@ TEST(grow_plan_keeps_slots_within_32_bits) {
         CHECK(why != NULL);
     }
 }
+
+/* Does the union of the plan's extents cover [off, off + len)? */
+static int extents_cover(const shm_plan_t *p, uint64_t off, uint64_t len) {
+    uint64_t eo, el;
+    for (uint64_t pos = off; pos < off + len; pos += SHM_PAGE) {
+        int hit = 0;
+        for (uint32_t i = 0; shm_plan_extent(p, i, &eo, &el); i++)
+            if (pos >= eo && pos < eo + el) { hit = 1; break; }
+        if (!hit) return 0;
+    }
+    return 1;
+}
+
+TEST(grow_presized_table_allocates_both_index_buffers) {
+    /* A pre-sized table must not need the filesystem after creation: an
+     * index rebuild (tombstones) fills the idle buffer, so both are
+     * allocated up front and kept; a growing table allocates one page. */
+    for (int grows = 0; grows < 2; grows++) {
+        shm_plan_t p;
+        const char *why;
+        CHECK(shm_plan(5000, 1 << 20, 4, grows, &p, &why) == 0);
+        for (uint32_t s = 0; s < p.nshards; s++) {
+            uint64_t b0 = p.index_off + (uint64_t)s * 2 * p.index_buf;
+            if (!grows) CHECK(extents_cover(&p, b0, p.index_buf));
+            CHECK_EQ(extents_cover(&p, b0 + p.index_buf, p.index_buf), !grows);
+            CHECK(extents_cover(&p, b0, ((uint64_t)p.init_slots * 8 + SHM_PAGE - 1) / SHM_PAGE * SHM_PAGE));
+            CHECK(extents_cover(&p, p.arena_off + (uint64_t)s * p.arena_size, p.init_arena));
+            CHECK_EQ(extents_cover(&p, p.arena_off + (uint64_t)s * p.arena_size, p.arena_size), !grows);
+        }
+    }
+    {
+        /* And its rebuilds keep both buffers (nothing punched: the old
+         * slots are still there in process memory). */
+        static th_table_t t;
+        shm_ix_t before;
+        CHECK(th_open(&t, 200, 1 << 16, 1, 0) == 0);
+        for (unsigned i = 0; i < 100; i++) CHECK_EQ(put_i(&t, i, 20), SHM_OK);
+        before = shm_ix(&t.v, 0);
+        CHECK_EQ(shm_resize_index(&t.v, 0, before.slots), SHM_OK);
+        CHECK(shm_ix(&t.v, 0).ix != before.ix);
+        CHECK(!all_zero((const char *)before.ix, (uint64_t)before.slots * 8));
+        CHECK_SHARD_OK(&t.v, 0);
+        th_close(&t);
+    }
+}
