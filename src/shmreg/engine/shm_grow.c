@@ -31,8 +31,13 @@
 
 static uint64_t page_up(uint64_t n) { return (n + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1); }
 
+long shm_fs_allocs, shm_fs_full_from;
+
 int shm_fs_alloc(shm_view_t *v, uint64_t off, uint64_t len) {
-    if (v->fd < 0 || len == 0) return SHM_OK;     /* process memory (tests): all there */
+    if (len == 0) return SHM_OK;
+    /* Tests: a filesystem that fills up at a chosen allocation. */
+    if (__builtin_expect(shm_fs_full_from > 0, 0) && ++shm_fs_allocs >= shm_fs_full_from) return SHM_NOSPACE;
+    if (v->fd < 0) return SHM_OK;     /* process memory (tests): all there */
 #ifdef __linux__
     if (fallocate(v->fd, 0, (off_t)off, (off_t)len) == 0) return SHM_OK;
     if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) return SHM_NOSPACE;

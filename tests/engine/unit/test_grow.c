@@ -449,3 +449,128 @@ TEST(grow_presized_table_allocates_both_index_buffers) {
         th_close(&t);
     }
 }
+
+/* ---- a filesystem that fills up (shm_fs_full_from) ------------------------------ */
+
+static void fs_full_from(long n) {
+    shm_fs_allocs = 0;
+    shm_fs_full_from = n;
+}
+
+static int put_evict_i(th_table_t *t, unsigned i, unsigned maxlen) {
+    unsigned char buf[4096];
+    shm_key_t k = gkey(t, i);
+    size_t n = gval(i, maxlen, buf);
+    shm_val_t val = th_val(SHM_VT_BYTES, buf, n);
+    return shm_put(&t->v, th_shard(t, &k), &k, &val, 0, 0, SHM_PUT_SET | SHM_PUT_EVICT, 1, NULL, NULL);
+}
+
+TEST(grow_nospace_is_an_error_and_the_shard_stays_intact) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    unsigned n = 3000, i;
+    int st = SHM_OK;
+    uint64_t geom, cap, released = 0;
+    CHECK(th_open_grow(&t, 16000, 4 << 20, 1, 0, 1) == 0);
+    sh = shm_shard(&t.v, 0);
+    for (i = 0; i < n; i++) CHECK_EQ(put_i(&t, i, 200), SHM_OK);
+    fs_full_from(1);
+    for (; i < 20000 && st == SHM_OK; i++) {
+        geom = sh->geom;
+        cap = sh->arena_cap;
+        st = put_i(&t, i, 200);
+        if (st == SHM_OK) n++;
+    }
+    /* The shard could not grow: NOSPACE, nothing changed by the failed put. */
+    CHECK_EQ(st, SHM_NOSPACE);
+    CHECK_EQ(sh->geom, geom);
+    CHECK_EQ(sh->arena_cap, cap);
+    CHECK(sh->n_nospace > 0);
+    CHECK_EQ(sh->count, n);
+    CHECK_SHARD_OK(&t.v, 0);
+    for (unsigned j = 0; j < n; j++) CHECK_EQ(has_i(&t, j, 200), 1);
+    CHECK_EQ(has_i(&t, n, 200), 0);
+    /* Deletes and a compaction (its index shrink needs the filesystem and
+     * is skipped; its moves do not) give room back without allocating. */
+    for (unsigned j = 0; j < n; j += 2) {
+        shm_key_t k = gkey(&t, j);
+        CHECK_EQ(shm_remove(&t.v, 0, &k, 1, 0, NULL), SHM_OK);
+    }
+    CHECK_EQ(shm_compact_shard(&t.v, 0, 1, &released), SHM_OK);
+    CHECK(released > 0);
+    CHECK_SHARD_OK(&t.v, 0);
+    for (unsigned j = 0; j < n; j++) CHECK_EQ(has_i(&t, j, 200), j % 2);
+    for (unsigned j = 0; j < 200; j++) CHECK_EQ(put_i(&t, 100000 + j, 200), SHM_OK);
+    /* Room on the filesystem again: it grows on. */
+    fs_full_from(0);
+    for (unsigned j = 0; j < 8000; j++) CHECK_EQ(put_i(&t, 200000 + j, 200), SHM_OK);
+    CHECK_SHARD_OK(&t.v, 0);
+    for (unsigned j = 0; j < n; j++) CHECK_EQ(has_i(&t, j, 200), j % 2);
+    for (unsigned j = 0; j < 8000; j++) CHECK_EQ(has_i(&t, 200000 + j, 200), 1);
+    th_close(&t);
+}
+
+TEST(grow_nospace_cache_evicts_and_stays_intact) {
+    static th_table_t t;
+    shm_shard_t *sh;
+    unsigned refused = 0;
+    CHECK(th_open_grow(&t, 16000, 4 << 20, 2, 1, 1) == 0);
+    for (unsigned i = 0; i < 2000; i++) CHECK_EQ(put_evict_i(&t, i, 200), SHM_OK);
+    fs_full_from(1);
+    for (unsigned i = 2000; i < 12000; i++) {
+        int st = put_evict_i(&t, i, 200);
+        CHECK(st == SHM_OK || st == SHM_NOSPACE);
+        if (st == SHM_OK) CHECK_EQ(has_i(&t, i, 200), 1);
+        else refused++;
+        if (i % 500 == 0) CHECK_ALL_OK(&t);
+    }
+    fs_full_from(0);
+    CHECK_ALL_OK(&t);
+    sh = shm_shard(&t.v, 0);
+    CHECK(sh->n_evictions + shm_shard(&t.v, 1)->n_evictions > 1000);
+    CHECK(refused < 1000);
+    /* Every entry still there reads as written. */
+    for (unsigned i = 0; i < 12000; i++) CHECK(has_i(&t, i, 200) >= 0);
+    th_close(&t);
+}
+
+TEST(grow_nospace_at_every_allocation) {
+    /* The filesystem fills at the 1st, 2nd, ... allocation of a growing
+     * table or cache: every put ends in a status, every shard checks out,
+     * and every key reads as its last successful write or absent. */
+    for (long from = 1; from <= 48; from++) {
+        static th_table_t t;
+        static unsigned char ok[3000];
+        int cache = from & 1;
+        memset(ok, 0, sizeof ok);
+        CHECK(th_open_grow(&t, 4000, 1 << 20, 2, cache, 1) == 0);
+        fs_full_from(from);
+        for (unsigned i = 0; i < 3000; i++) {
+            unsigned key = (i * 7u) % 1500;
+            int st = cache ? put_evict_i(&t, key, 300) : put_i(&t, key, 300);
+            if (st != SHM_OK && st != SHM_NOSPACE && st != SHM_FULL) {
+                FAILF("full from %ld: put %u: status %d", from, i, st);
+                fs_full_from(0);
+                return;
+            }
+            if (st == SHM_OK) ok[key] = 1;
+            if (i % 3 == 2) {
+                shm_key_t k = gkey(&t, (key * 3u) % 1500);
+                if (shm_remove(&t.v, th_shard(&t, &k), &k, 1, 0, NULL) == SHM_OK) ok[(key * 3u) % 1500] = 0;
+            }
+            if (i % 1000 == 999) {
+                uint64_t rel;
+                CHECK_EQ(shm_compact_shard(&t.v, i / 1000 % 2, i % 2000 == 999, &rel), SHM_OK);
+            }
+        }
+        fs_full_from(0);
+        CHECK_ALL_OK(&t);
+        for (unsigned key = 0; key < 1500; key++) {
+            int h = has_i(&t, key, 300);
+            CHECK(h >= 0);
+            if (!cache) CHECK_EQ(h, ok[key]);
+            else CHECK(h <= ok[key]);
+        }
+        th_close(&t);
+    }
+}
