@@ -278,6 +278,44 @@ def test_nospace_while_growing_is_an_error_and_the_table_stays_intact(small_tmpf
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout + proc.stderr
 
 
+@pytest.mark.timeout(120)
+def test_presized_table_never_needs_the_filesystem_after_creation(small_tmpfs):
+    # A pre-sized table is allocated whole at creation, both index buffers
+    # included: on a filesystem filled to the last byte afterwards, its index
+    # rebuilds (deletes leave tombstones) and its writes up to its limits
+    # still work, and a pre-sized cache does not evict for want of space.
+    code = r"""
+        import errno, os, shmreg
+        t = shmreg.Table("pre", capacity=20000, memory=3 << 20)
+        c = shmreg.Cache("precache", capacity=5000, memory=1 << 20)
+        with open(os.path.join(os.environ["SHMREG_DIR"], "filler"), "wb", buffering=0) as f:
+            for chunk in (1 << 16, 4096, 512):
+                try:
+                    while True:
+                        f.write(b"x" * chunk)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+        for r in range(12):
+            for i in range(15000):
+                t[f"k{r}-{i}"] = i
+            for i in range(15000):
+                del t[f"k{r}-{i}"]
+        s = t.stats()
+        assert s["index_rebuilds"] > 0 and s["nospace_errors"] == 0, s
+        t.check()
+        for i in range(3000):
+            c.set(f"c{i}", b"y" * 50)
+            if i % 3 == 0:
+                c.delete(f"c{i}")
+        cs = c.table.stats()
+        assert cs["evictions"] == 0 and cs["nospace_errors"] == 0, cs
+        c.table.check()
+        print("ok", s["index_rebuilds"])
+    """
+    proc = run_py(code, env={"SHMREG_DIR": small_tmpfs}, timeout=110, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout + proc.stderr
+
+
 # -- growth under SIGKILLed writers and verifying readers --------------------------------------
 
 WRITER = r"""

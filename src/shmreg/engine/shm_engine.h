@@ -372,6 +372,10 @@ void shm_mark_referenced(shm_view_t *v, uint32_t si, int64_t pos);
 
 /* Allocate [off, off+len) of the segment's file: SHM_OK, SHM_NOSPACE, SHM_SYSERR. */
 int shm_fs_alloc(shm_view_t *v, uint64_t off, uint64_t len);
+/* Tests (process-global, like the crash points): when shm_fs_full_from > 0,
+ * every allocation from the shm_fs_full_from-th on (counted in
+ * shm_fs_allocs) fails with SHM_NOSPACE, as on a filesystem that filled up. */
+extern long shm_fs_allocs, shm_fs_full_from;
 /* Give [off, off+len) back to the filesystem (best effort). */
 void shm_fs_punch(shm_view_t *v, uint64_t off, uint64_t len);
 /* Rebuild shard si's index into its idle buffer at nslots and publish it

@@ -31,8 +31,13 @@
 
 static uint64_t page_up(uint64_t n) { return (n + SHM_PAGE - 1) & ~(uint64_t)(SHM_PAGE - 1); }
 
+long shm_fs_allocs, shm_fs_full_from;
+
 int shm_fs_alloc(shm_view_t *v, uint64_t off, uint64_t len) {
-    if (v->fd < 0 || len == 0) return SHM_OK;     /* process memory (tests): all there */
+    if (len == 0) return SHM_OK;
+    /* Tests: a filesystem that fills up at a chosen allocation. */
+    if (__builtin_expect(shm_fs_full_from > 0, 0) && ++shm_fs_allocs >= shm_fs_full_from) return SHM_NOSPACE;
+    if (v->fd < 0) return SHM_OK;     /* process memory (tests): all there */
 #ifdef __linux__
     if (fallocate(v->fd, 0, (off_t)off, (off_t)len) == 0) return SHM_OK;
     if (errno == ENOSPC || errno == EDQUOT || errno == EFBIG) return SHM_NOSPACE;
@@ -73,8 +78,16 @@ static uint64_t buf_off(const shm_view_t *v, uint32_t si, unsigned sel) {
     return (uint64_t)((const char *)shm_index_buf(v, si, sel) - v->base);
 }
 
+/* A pre-sized table has both index buffers allocated at creation
+ * (shm_plan_extent) and keeps them: a rebuild must not fail, nor a cache
+ * evict, because the filesystem is full. */
+static int table_grows(const shm_view_t *v) {
+    return v->grows;    /* as validated at attach (the plan's extents follow from it) */
+}
+
 void shm_punch_idle_index(shm_view_t *v, uint32_t si) {
     uint64_t g = shm_load_rlx(&shm_shard(v, si)->geom);
+    if (!table_grows(v)) return;
     shm_fs_punch(v, buf_off(v, si, (unsigned)((g >> 32) & 1) ^ 1), v->index_buf);
 }
 
@@ -88,13 +101,14 @@ int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots) {
     int r;
     if (!shm_geom_ok(v, g) || nslots < 8 || nslots > v->max_slots) return SHM_CORRUPT;
     if (sh->count >= shm_fill_limit(nslots)) return SHM_FULL;
-    if (v->grows && v->fd >= 0) {
+    if (table_grows(v) && v->fd >= 0) {
         /* Punched first (a no-op unless a failed resize left data there),
          * the idle buffer's new pages come zeroed: all EMPTY already. */
         shm_fs_punch(v, buf_off(v, si, sel), v->index_buf);
         r = shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8));
     } else {
-        r = shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8));
+        /* A pre-sized table allocated both buffers at creation. */
+        r = table_grows(v) ? shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8)) : SHM_OK;
         if (r == SHM_OK)
             for (uint32_t i = 0; i < nslots; i++) shm_store_rlx(&nix[i], SHM_SLOT_EMPTY);
     }
@@ -127,7 +141,7 @@ int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots) {
     else sh->n_rebuilds++;
     /* The old buffer's memory goes back; a reader still probing it (it
      * will retry: seq moved) reads zeros. */
-    shm_fs_punch(v, buf_off(v, si, sel ^ 1), v->index_buf);
+    if (table_grows(v)) shm_fs_punch(v, buf_off(v, si, sel ^ 1), v->index_buf);
     return SHM_OK;
 }
 
@@ -177,8 +191,12 @@ int shm_compact_shard(shm_view_t *v, uint32_t si, int force, uint64_t *released)
     uint32_t nslots;
     int r;
     *released = 0;
-    if (cap > v->arena_size || sh->top > cap) return SHM_CORRUPT;
-    if (!v->grows) {
+    /* Refuse before touching anything when the shard's geometry is off (as
+     * the repair does): g is then a clamped view of no real index, and a
+     * move would copy items it cannot publish. */
+    if (!shm_geom_ok(v, shm_load_rlx(&sh->geom)) || cap > v->arena_size || cap % SHM_PAGE || sh->top > cap)
+        return SHM_CORRUPT;
+    if (!table_grows(v)) {
         /* A pre-sized table keeps its memory: only drop tombstones. */
         int rr = force && sh->tombs ? shm_resize_index(v, si, g.slots) : SHM_OK;
         return rr == SHM_FULL || rr == SHM_NOSPACE ? SHM_OK : rr;

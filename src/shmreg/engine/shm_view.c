@@ -35,6 +35,9 @@ int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, int grows, shm
     if (want * n > (double)(1ULL << 40)) { *why = "capacity too large"; return -1; }
     slots = align_up((uint64_t)want, 8);
     if (slots * n > (1ULL << 40)) { *why = "capacity too large"; return -1; }
+    /* Slots per shard are a u32 (header, geom, every probe): more would be
+     * truncated into an index far smaller than the limit. */
+    if (slots > 0xFFFFFFF8ULL) { *why = "capacity too large for this shard count: pass more shards"; return -1; }
     /* Page multiples: a shard's arena grows and is given back a page at a time. */
     arena = align_up(memory / n + (memory % n != 0), SHM_PAGE);
     if (arena > 0xFFFFF000ULL) { *why = "memory too large for this shard count: pass more shards"; return -1; }
@@ -79,9 +82,10 @@ int shm_plan_extent(const shm_plan_t *p, uint32_t i, uint64_t *off, uint64_t *le
     i--;
     if (i >= 2 * p->nshards) return 0;
     if (i % 2 == 0) {
-        /* Buffer 0 of shard i/2; a pre-sized table gets both buffers (they
-         * are adjacent), so that it never needs more memory than it has. */
-        *off = p->index_off + (uint64_t)i * p->index_buf;
+        *off = p->index_off + (uint64_t)i * p->index_buf;     /* buffer 0 of shard i/2 */
+        /* A pre-sized table allocates both buffers (they are adjacent): its
+         * index rebuilds then never need the filesystem, which a table that
+         * does not grow must not depend on. */
         *len = p->grows ? align_up((uint64_t)p->init_slots * 8, SHM_PAGE) : 2 * p->index_buf;
     } else {
         *off = p->arena_off + (uint64_t)(i / 2) * p->arena_size;

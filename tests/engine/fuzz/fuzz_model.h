@@ -3,7 +3,9 @@
  * op, check after each) and fuzz_crash.c (the same, plus one simulated death
  * at a crash point chosen by the input, then repair).
  *
- * Input: byte 0 geometry, byte 1 flags, then ops of a few bytes each
+ * Input: byte 0 geometry, byte 1 flags (bit 0 CLOCK bits, bit 1 a table
+ * that grows, bit 2 its filesystem fills up at allocation 1 + (flags >> 3):
+ * growth then fails with SHM_NOSPACE), then ops of a few bytes each
  * (missing bytes read as 0).  The model holds what a reader must see: an
  * entry is visible while present, unexpired at `now` and owned by nobody or
  * by a live owner.  Evictions (SHM_PUT_EVICT) may remove visible entries of
@@ -66,6 +68,8 @@ static int fz_open(fz_state_t *s, fz_in_t *in) {
     uint32_t shards = 1u << (g >> 4 & 3);
     memset(&s->m, 0, sizeof s->m);
     if (th_open_grow(&s->t, caps[g & 3], mems[g >> 2 & 3], shards, f & 1, (f >> 1) & 1) != 0) return -1;
+    shm_fs_allocs = 0;
+    shm_fs_full_from = (f & 4) ? 1 + (f >> 3) : 0;
     s->m.now = 1000;
     for (unsigned i = 0; i < FZ_NKEYS; i++) {
         uint32_t n = fz_klens[i % 6];
@@ -263,7 +267,7 @@ static void fz_exec(fz_state_t *s, const fz_op_t *o, int *st, long long *res, sh
         if (o->flag & 1) *st = shm_compact_shard(v, o->shard, (o->flag >> 1) & 1, &released);
         else *st = shm_resize_index(v, o->shard, (o->flag & 2) ? shm_grown_slots(v, g.slots) : g.slots);
         if (*st == SHM_OK) *st = 0;
-        else if (*st == SHM_FULL && !(o->flag & 1)) *st = 0;   /* too many entries for that size: refused, unchanged */
+        else if ((*st == SHM_FULL || *st == SHM_NOSPACE) && !(o->flag & 1)) *st = 0;   /* too many entries for that size, or no room: refused, unchanged */
         break;
     }
     case FZ_REPAIR: *st = shm_repair_shard(v, o->shard); break;
@@ -293,7 +297,8 @@ static int64_t fz_apply(fz_state_t *s, fz_model_t *m, const fz_op_t *o, int st, 
     int vis = fz_visible(m, e);
     switch (o->op) {
     case FZ_PUT:
-        if (st == SHM_TOOBIG || st == SHM_FULL) return o->evict ? (int64_t)o->shard : -1;
+        /* (A cache that cannot grow evicts, and may still refuse.) */
+        if (st == SHM_TOOBIG || st == SHM_FULL || st == SHM_NOSPACE) return o->evict ? (int64_t)o->shard : -1;
         if (o->mode == SHM_PUT_NEW && vis) {
             if (strict && st != SHM_NO) FZ_FAIL("insert_new over a live entry: %d", st);
             if (strict && (rb->nrec != 1 || memcmp(rb->data + SHM_REC_HDR + s->keys[o->key].n, e->v, e->n) != 0))
@@ -343,7 +348,7 @@ static int64_t fz_apply(fz_state_t *s, fz_model_t *m, const fz_op_t *o, int st, 
             if (strict && st != SHM_OVERFLOW) FZ_FAIL("counter default overflow: %d", st);
             return -1;
         }
-        if (st == SHM_FULL) return -1;
+        if (st == SHM_FULL || st == SHM_NOSPACE) return -1;
         if (strict && st != SHM_OK) FZ_FAIL("counter create: %d", st);
         e->present = 1;
         e->vtype = SHM_VT_INT;
