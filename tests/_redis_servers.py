@@ -113,6 +113,10 @@ class Server:
 
         return redis.Redis(unix_socket_path=self.sock, socket_timeout=5)
 
+    def admin_clients(self) -> list:
+        """A direct client of every node (one here)."""
+        return [self.client()]
+
     def log(self) -> str:
         try:
             with open(os.path.join(self.dir, "server.log")) as f:
@@ -166,6 +170,10 @@ class Cluster:
         for c in clients:
             c.close()
         return self
+
+    def admin_clients(self) -> list:
+        """A direct client of every node."""
+        return [n.client() for n in self.nodes]
 
     def cleanup(self) -> None:
         for n in self.nodes:

@@ -17,27 +17,13 @@ import pytest
 
 import shmreg
 from _helpers import unique_name, wait_until
-from _redis_servers import Cluster, Server
+from _redis_servers import Server
 
 redis = pytest.importorskip("redis")   # the test extra installs it: never skipped in CI
 from shmreg.backends.redis import list_tables  # noqa: E402
 from shmreg.backends.redis.codec import encode_value  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="session")
-def redis_server():
-    s = Server().start()
-    yield s
-    s.cleanup()
-
-
-@pytest.fixture(scope="session")
-def redis_cluster():
-    c = Cluster().start()
-    yield c
-    c.cleanup()
 
 
 @pytest.fixture(params=["server", "cluster"])

@@ -28,11 +28,10 @@ pytest.importorskip("redis")   # the test extra installs it: never skipped in CI
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server().start()
-    yield s
-    s.cleanup()
+@pytest.fixture(params=["server", "cluster"])
+def server(request):
+    """The single server, then the Cluster (``.url``)."""
+    return request.getfixturevalue("redis_server" if request.param == "server" else "redis_cluster")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,8 @@ def test_sigkilled_owner_on_host_a_vanishes_for_host_b(server, hosts, watcher_on
         wait_until(lambda: deaths.get(f"entries:{owner.pid}") is not None, 10, "on_death")
         assert deaths[f"entries:{owner.pid}"] == ["job:1", "job:2"]
         assert deaths[f"calls:{owner.pid}"] == 1
-        assert [p for p in t._proc_table() if p["pid"] == owner.pid] == []   # reaped, released
+        wait_until(lambda: not [p for p in t._proc_table() if p["pid"] == owner.pid], 10,
+                   "the watcher to reap and release the dead owner")
         reg.register("leader", "host B")     # the name is free again
     finally:
         stop(w, owner)
@@ -253,12 +253,14 @@ def test_client_kill_of_every_connection_is_survived(server):
     try:
         t.set("owned", 1, owned=True)
         t["n"] = 0
-        admin = server.client()
+        admins = server.admin_clients()
         for _ in range(3):
-            killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            killed = sum(a.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                         for a in admins)
             assert killed >= 1
             assert t.update_counter("n") >= 1        # the pool reconnects
-        admin.close()
+        for a in admins:
+            a.close()
         time.sleep(2.5)      # longer than the lease: the heartbeat reconnected too
         assert t["owned"] == 1 and t["n"] == 3
     finally:

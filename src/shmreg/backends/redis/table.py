@@ -130,8 +130,8 @@ class RedisTable(TableSurface, RedisCore):
 
     def stats(self) -> dict:
         """Usage and this process's counters.  ``bytes_used``/``bytes_free``
-        are None (the server's memory is shared by its tables: see
-        ``server_used_memory`` and ``server_maxmemory``)."""
+        are not tracked per table (0): the server's memory is shared by its
+        tables, see ``server_used_memory`` and ``server_maxmemory``."""
         try:
             mem = self._client.info("memory")
         except redis.exceptions.RedisError as e:
@@ -149,8 +149,8 @@ class RedisTable(TableSurface, RedisCore):
             "dead_owner_processes": sum(1 for p in procs if not p["alive"]),
             "watcher_pid": self._lease_holder(),
             "lease_ttl": self.lease_ttl,
-            "bytes_used": None,
-            "bytes_free": None,
+            "bytes_used": 0,
+            "bytes_free": 0,
             "server_used_memory": mem.get("used_memory"),
             "server_maxmemory": mem.get("maxmemory"),
             "evictions": 0,
@@ -159,6 +159,8 @@ class RedisTable(TableSurface, RedisCore):
             "reads_missed": self._misses,
             "hits": self._hits,
             "misses": self._misses,
+            "read_retries": 0,
+            "lock_fallbacks": 0,
         }
 
     def check(self, *, repair: bool = False) -> list | None:
