@@ -157,14 +157,14 @@ def test_on_death_runs_again_when_its_watcher_dies(server, hosts):
         expect_line(owner, "ok")
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(timeout=10)
-        wait_until(lambda: deaths.get(f"calls:{owner.pid}") == 1, 15, "first on_death")
+        wait_until(lambda: deaths.get(f"calls:{owner.pid}") == 1, 30, "first on_death")
         os.kill(first.pid, signal.SIGKILL)          # dies inside on_death
         first.wait(timeout=10)
         assert "job:1" not in t                     # invisible (dead owner) though not reaped
         assert t._reap(0, True, False)[0] == 0      # (the first watcher's claim still holds)
         second = start(WATCHER, name, server.url, "1.5", env=hosts["B"])
         expect_line(second, "active")
-        wait_until(lambda: deaths.get(f"entries:{owner.pid}") is not None, 20, "second on_death")
+        wait_until(lambda: deaths.get(f"entries:{owner.pid}") is not None, 40, "second on_death")
         assert deaths[f"calls:{owner.pid}"] == 2
         assert deaths[f"entries:{owner.pid}"] == ["job:1", "job:2"]
     finally:

@@ -5,7 +5,11 @@ touches one Cluster slot; ``P`` = ``{shmreg:NAME}``):
 
 =====================  =======================================================
 ``P:meta``             hash: the table exists (created ms, lease ttl)
-``P:k:<type><key>``    an entry's value (see ``codec``); a TTL is the key's PX
+``P:k:<type><key>``    an entry's value (see ``codec``); a TTL is the key's PX.
+                       An owned entry's value starts with a zero byte and
+                       its owner's 16-character token: a plain ``GET``
+                       reads an unowned entry in one command, and tells
+                       when the owner's lease must be checked too
 ``P:idx``              sorted set, all scores 0: every entry key (``len``,
                        ``select(prefix)`` by ``ZRANGEBYLEX``; ``SCAN`` in
                        Cluster would walk every key of the node)
@@ -43,16 +47,21 @@ end
 local function lease_alive(tok)
   return redis.call('EXISTS', P .. ':L:' .. tok) == 1
 end
--- value, owner token ('' if none) of a live entry; nil if absent or its owner is dead
+-- value (without the owner mark), owner token ('' if none) of a live
+-- entry; nil if absent or its owner is dead
 local function live(ek)
   local v = redis.call('GET', ek)
   if not v then return nil end
-  local o = redis.call('HGET', OWN, ek)
-  if o then
+  if string.byte(v, 1) == 0 then
+    local o = string.sub(v, 2, 17)
     if not lease_alive(o) then return nil end
-    return v, o
+    return string.sub(v, 18), o
   end
   return v, ''
+end
+local function unmark(v)
+  if v and string.byte(v, 1) == 0 then return string.sub(v, 18) end
+  return v
 end
 local function drop_owner(ek)
   local o = redis.call('HGET', OWN, ek)
@@ -75,6 +84,7 @@ local function fence(tok)
 end
 -- store v (ttl ms or '' for none, owner token or '')
 local function store(ek, v, ttl, tok)
+  if tok ~= '' then v = '\0' .. tok .. v end
   if ttl ~= '' then
     redis.call('SET', ek, v, 'PX', ttl)
     redis.call('ZADD', EXP, now_ms() + tonumber(ttl), ek)
@@ -131,7 +141,7 @@ return v
 # KEYS[1] entry key; ARGV: P, incr, default, ttl ms|'' -> new value (decimal string)
 INCR = PRELUDE + r"""
 local ek = KEYS[1]
-local v = live(ek)
+local v, o = live(ek)
 if not v then
   if redis.call('EXISTS', ek) == 1 then unlink(ek) end   -- a dead owner's: replaced
   -- The server's INCRBY does the int64 arithmetic (Lua numbers are doubles).
@@ -144,9 +154,20 @@ if not v then
 end
 local c = string.byte(v, 1)
 if not (c == 45 or (c >= 48 and c <= 57)) then return redis.error_reply('NOTINT') end
-local res = redis.pcall('INCRBY', ek, ARGV[2])
+if o == '' then
+  local res = redis.pcall('INCRBY', ek, ARGV[2])
+  if type(res) == 'table' then return redis.error_reply('OVERFLOW') end
+  return redis.call('GET', ek)
+end
+-- An owned counter: the arithmetic on a scratch key, the owner mark kept.
+local tmp = P .. ':tmp'
+redis.call('SET', tmp, v)
+local res = redis.pcall('INCRBY', tmp, ARGV[2])
+local s = redis.call('GET', tmp)
+redis.call('DEL', tmp)
 if type(res) == 'table' then return redis.error_reply('OVERFLOW') end
-return redis.call('GET', ek)
+redis.call('SET', ek, '\0' .. o .. s, 'KEEPTTL')
+return s
 """
 
 # KEYS[1] entry key; ARGV: P, ttl ms|'' -> 1 if live (and given the ttl), else 0
@@ -253,7 +274,7 @@ for _, ek in ipairs(redis.call('SMEMBERS', set)) do
   if redis.call('HGET', OWN, ek) == tok and redis.call('EXISTS', ek) == 1 then
     out[1] = out[1] + 1
     if collect then
-      out[#out + 1] = ek; out[#out + 1] = redis.call('GET', ek)
+      out[#out + 1] = ek; out[#out + 1] = unmark(redis.call('GET', ek))
       out[#out + 1] = redis.call('PTTL', ek)
     end
     if delete then unlink(ek) end
