@@ -13,6 +13,7 @@ import pytest
 
 import shmreg
 from _helpers import unique_name
+from shmreg.backends.redis import list_tables
 from shmreg.recipes import Counters, Flags, emit_once
 
 pytest.importorskip("redis")   # the test extra installs it: never skipped in CI
@@ -57,7 +58,7 @@ def test_cli_commands_against_a_url(redis_server):
         assert r.returncode == 4 and "in use" in r.stderr    # this process owns an entry
         r = cli("destroy", name, "--url", url, "--force")
         assert r.returncode == 0 and len(t) == 0
-        assert name not in shmreg.backends.redis.list_tables(url)
+        assert name not in list_tables(url)
     finally:
         t.unlink()
         t.close()
@@ -115,3 +116,20 @@ def test_recipes_on_a_redis_table(redis_server):
     finally:
         t.unlink()
         t.close()
+
+
+def test_example_redis_jobs_runs(redis_server):
+    """examples/redis_jobs.py: every job done although a worker was killed
+    holding one; its claim reported by on_death; the config computed once."""
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "redis_jobs.py")
+    r = subprocess.run([sys.executable, example, redis_server.url], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("watcher: worker pid ") and "claim:" in line for line in lines)
+    assert "jobs done: 12 of 12" in lines
+    assert "worker:0 registered after its death: None" in lines
+    for name in ("example-jobs", "example-workers", "example-config", "example-config--flights"):
+        if name in list_tables(redis_server.url):
+            with shmreg.Table(name, url=redis_server.url) as t:
+                t.unlink()
