@@ -387,3 +387,28 @@ def test_insert_new_one_winner_and_exact_counters(url):
             if p.poll() is None:
                 p.kill()
                 p.communicate(timeout=10)
+
+
+# Python >= 3.12 warns when forking a multi-threaded process (the heartbeat
+# thread); the fork is the point.
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
+def test_forked_child_takes_its_own_lease(rt):
+    """A forked child is another owner: its owned entries are its own, and
+    the parent's stay the parent's after the child is gone."""
+    rt.set("parent", 1, owned=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: report, and leave without atexit (as a crash would)
+        try:
+            rt.set("child", 2, owned=True)
+            os.write(w, f"{rt.owner('child')} {rt.owner('parent')}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child_view = f.read()
+    os.waitpid(pid, 0)
+    assert child_view == f"{pid} {os.getpid()}"
+    assert rt.owner("parent") == os.getpid()
+    rt.set("parent", 3, owned=True)          # the parent's lease was not disturbed
+    assert rt["parent"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from abc import ABCMeta
 import os
 import secrets
@@ -299,6 +300,19 @@ class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
             if msg:
                 raise CorruptTableError(msg)
         return repaired if repair else None
+
+
+def _documented_signature() -> "inspect.Signature":
+    # Table(name, ...) as users call it: __init__'s options plus url= (which
+    # __new__ takes to pick the backend), not __new__'s (*args, **options).
+    sig = inspect.signature(Table.__init__)
+    params = [p for p in sig.parameters.values() if p.name != "self" and not p.name.startswith("_")]
+    url = inspect.Parameter("url", inspect.Parameter.KEYWORD_ONLY, default=None,
+                            annotation="str | None")
+    return sig.replace(parameters=[*params, url], return_annotation=inspect.Signature.empty)
+
+
+Table.__signature__ = _documented_signature()  # type: ignore[attr-defined]
 
 
 def _check_config(t: Table, capacity: int | None, memory: int | None, shards: int | None,
