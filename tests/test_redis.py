@@ -412,3 +412,36 @@ def test_forked_child_takes_its_own_lease(rt):
     assert rt.owner("parent") == os.getpid()
     rt.set("parent", 3, owned=True)          # the parent's lease was not disturbed
     assert rt["parent"] == 3
+
+
+def test_sentinel_url_finds_the_master(redis_server, tmp_path):
+    """``redis+sentinel://host:port/service``: a real Sentinel process
+    monitoring the session's server names it as the master."""
+    from _redis_servers import free_port, server_binary
+
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor shmreg-test 127.0.0.1 {redis_server.port} 1\n")
+    proc = subprocess.Popen([server_binary(), str(conf), "--sentinel"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sentinel = redis.Redis(host="127.0.0.1", port=port)
+        wait_until(lambda: _sentinel_ready(sentinel), 15, "sentinel to answer")
+        sentinel.close()
+        url = f"redis+sentinel://127.0.0.1:{port}/shmreg-test/0"
+        with shmreg.Table(unique_name("sent"), url=url) as t:
+            t["k"] = "through sentinel"
+            with shmreg.Table(t.name, url=redis_server.url) as direct:
+                assert direct["k"] == "through sentinel"
+            t.unlink()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _sentinel_ready(client) -> bool:
+    try:
+        return client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "shmreg-test") is not None
+    except redis.exceptions.ConnectionError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -72,6 +73,7 @@ class RedisCore:
         self._me = f"{self._host}:{os.getpid()}:{leases.new_token()}"
         self._pids: dict[str, int] = {}
         self._next_beat = 0.0
+        self._lease_lock = threading.Lock()   # one lease per process, whichever thread asks
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -171,7 +173,10 @@ class RedisCore:
 
     def _close(self) -> None:
         if not self._closed:
-            self._drop_leases()
+            try:
+                self._drop_leases()
+            except BackendUnavailableError:
+                pass   # the server is away: the leases expire by themselves
             self._closed = True
 
     # -- reads -------------------------------------------------------------------
@@ -377,10 +382,14 @@ class RedisCore:
         """This process's lease token, taking a lease on first use."""
         if self._closed:
             raise ValueError("operation on a closed table")
-        if self._token is None:
-            pid = os.getpid()
-            self._token = self._take_lease(pid, _proc.start_time(pid) or 0)
-        return self._token
+        token = self._token
+        if token is None:
+            with self._lease_lock:
+                if self._token is None:
+                    pid = os.getpid()
+                    self._token = self._take_lease(pid, _proc.start_time(pid) or 0)
+                token = self._token
+        return token
 
     def _claim(self, pid: int, start: int, own_process: bool) -> str:
         """A lease for ``pid``: this process's own, or one this process's
@@ -417,6 +426,7 @@ class RedisCore:
 
     def _forget_leases(self) -> None:
         # In a forked child: the parent's leases are not ours.
+        self._lease_lock = threading.Lock()
         self._token = None
         self._foreign = {}
         self._watching = False
