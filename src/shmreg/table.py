@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterator
 
 from shmreg import _core, _segment
 from shmreg._surface import TableSurface
-from shmreg._core import MISSING
 from shmreg.errors import (ConfigMismatchError, ConfigMismatchWarning, CorruptTableError,
                            TableExistsError, TableNotFoundError)
 from shmreg.trust import Trust, check_mode, check_trust

@@ -88,7 +88,7 @@ def connect(url: str) -> Any:
         client = _clients.get(url)
         if client is None:
             client = _make(url)
-            _clients[url] = client
+            _clients[url] = client  # noqa: SHM101 - per-process connection pools
     return client
 
 
@@ -97,8 +97,7 @@ def _make(url: str) -> Any:
     if scheme in ("redis+cluster", "rediss+cluster"):
         from redis.cluster import RedisCluster
 
-        return RedisCluster.from_url(scheme.split("+")[0] + url[len(scheme):],
-                                                   retry=_no_retry())
+        return RedisCluster.from_url(scheme.split("+")[0] + url[len(scheme):], retry=_no_retry())
     if scheme == "redis+sentinel":
         return _sentinel_master(url, retry=_no_retry())
     if scheme not in ("redis", "rediss", "unix"):
@@ -114,13 +113,13 @@ def check_eviction_policy(client: Any, url: str) -> None:
     that does not let us read its config (ACL) is not warned about."""
     if url in _checked_policy:
         return
-    _checked_policy.add(url)
+    _checked_policy.add(url)  # noqa: SHM101 - a per-process warn-once
     try:
         policies = client.config_get("maxmemory-policy")
     except redis.exceptions.ResponseError:
         return
     except redis.exceptions.ConnectionError as e:
-        _checked_policy.discard(url)
+        _checked_policy.discard(url)  # noqa: SHM101 - a per-process warn-once
         raise BackendUnavailableError(f"{url}: {e}") from e
     # A cluster client answers per node: {node: {...}} or a merged dict.
     values = []
@@ -151,5 +150,5 @@ def scripts_for(client: Any) -> Scripts:
     """The :class:`Scripts` of ``client`` (one set per client)."""
     s = _scripts.get(id(client))
     if s is None:
-        s = _scripts[id(client)] = Scripts(client)
+        s = _scripts[id(client)] = Scripts(client)  # noqa: SHM101 - per-process handles
     return s
