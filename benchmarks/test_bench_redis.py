@@ -10,8 +10,9 @@ plain redis-py command that does the same job:
 - ``get``: ``Table.get`` (one EVALSHA: GET + owner check) vs ``GET``;
 - ``set``: ``Table[k] = v`` (EVALSHA: SET + index + owner bookkeeping) vs ``SET``;
 - ``update_counter`` vs ``INCRBY``; ``insert_new`` (a miss: stores) vs ``SET NX``;
-- ``owned get``: a get of an owned entry (also checks the owner's lease)
-  vs ``Table.get`` of a plain one.
+- ``owned get``: a get of an owned entry (``GET``, then ``EXISTS`` of the
+  owner's lease) and a ``Registry.lookup`` (one script: value, owner and
+  lease) vs ``Table.get`` of a plain one.
 
 ``test_reap_latency`` measures across two simulated hosts how long a reader
 on host B keeps seeing the entries of a process SIGKILLed on host A: with
@@ -139,6 +140,11 @@ def test_owned_get_owned_entry(benchmark, table):
     _run(benchmark, "owned get", "shmreg get (owned)", lambda: [table.get("owned:" + k) for k in KEYS])
 
 
+def test_owned_get_registry_lookup(benchmark, table):
+    reg = shmreg.Registry(table.name, url=table.url)     # (the same table: its owned entries)
+    _run(benchmark, "owned get", "Registry.lookup", lambda: [reg.lookup("owned:" + k) for k in KEYS])
+
+
 OWNER = """if 1:
     import sys, time, shmreg
     t = shmreg.Table(sys.argv[1], url=sys.argv[2], lease_ttl=float(sys.argv[3]))
@@ -208,7 +214,8 @@ def test_zz_summary():
     pairs = [("get", "redis-py GET", "shmreg"), ("set", "redis-py SET", "shmreg"),
              ("update_counter", "redis-py INCRBY", "shmreg"),
              ("insert_new", "redis-py SET NX", "shmreg"),
-             ("owned get", "shmreg get (not owned)", "shmreg get (owned)")]
+             ("owned get", "shmreg get (not owned)", "shmreg get (owned)"),
+             ("owned get", "shmreg get (not owned)", "Registry.lookup")]
     for group, base, ours in pairs:
         if (group, base) in RESULTS and (group, ours) in RESULTS:
             (bmin, bmed), (omin, omed) = RESULTS[(group, base)], RESULTS[(group, ours)]
