@@ -49,6 +49,7 @@ MODULES = [
     "shmreg.testing",
     "shmreg.django",
     "shmreg.cachelib",
+    "shmreg.backends.redis",
 ]
 
 # The command line parser: ``module:function`` returning an ArgumentParser.

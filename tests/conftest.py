@@ -56,3 +56,25 @@ def table(table_name):
     t = shmreg.Table.create(table_name, capacity=10_000, memory=4 << 20)
     yield t
     t.close()
+
+
+# -- Redis/Valkey servers for tests/test_redis*.py (see _redis_servers.py) -----------
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real server for the session (unix socket + loopback port)."""
+    from _redis_servers import Server
+
+    s = Server().start()
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real 3-master Cluster for the session."""
+    from _redis_servers import Cluster
+
+    c = Cluster().start()
+    yield c
+    c.cleanup()

@@ -11,11 +11,14 @@ from shmreg import _core
 from shmreg.cache import Cache
 from shmreg.errors import (
     AlreadyRegisteredError,
+    BackendUnavailableError,
     ConfigMismatchError,
     ConfigMismatchWarning,
     CorruptTableError,
     Error,
+    EvictionPolicyWarning,
     IncompatibleTableError,
+    LeaseLostError,
     NoSpaceError,
     TableExistsError,
     TableFullError,
@@ -63,4 +66,7 @@ __all__ = [
     "ConfigMismatchError",
     "ConfigMismatchWarning",
     "UntrustedTableError",
+    "BackendUnavailableError",
+    "LeaseLostError",
+    "EvictionPolicyWarning",
 ]

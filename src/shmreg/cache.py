@@ -24,7 +24,7 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Generic, Iterator, 
 
 from shmreg._core import MISSING
 from shmreg.errors import TableNotFoundError
-from shmreg.table import Table
+from shmreg.table import Table, backend_options
 from shmreg.trust import Trust
 
 __all__ = ["Cache", "shared_cache"]
@@ -71,6 +71,12 @@ class Cache(MutableMapping[Any, T], Generic[T]):
         (:class:`~shmreg.Trust`; default none).  Applies to the cache's
         single-flight table too.
     :param clock: for tests: monotonic seconds, instead of CLOCK_MONOTONIC.
+    :param url: a Redis/Valkey URL: the cache (and its single-flight marks)
+        live on that server, shared by every host; one factory call
+        cluster-wide per missing key.  The server does not evict for it:
+        bound it with ttls (see ``docs/redis.md``).
+    :param lease_ttl: with ``url``: how long a computing process that
+        vanished (host down, partition) holds its single-flight mark.
 
     >>> cache = Cache("doc-cache", ttl=60)
     >>> cache.get_or_set("answer", lambda: 6 * 7)
@@ -86,10 +92,12 @@ class Cache(MutableMapping[Any, T], Generic[T]):
 
     def __init__(self, name: str, *, ttl: float | None = 300.0, capacity: int | None = None,
                  memory: int | None = None, grow: bool | None = None, mode: int = 0o600,
-                 trust: Trust | None = None, clock: Callable[[], float] | None = None) -> None:
+                 trust: Trust | None = None, clock: Callable[[], float] | None = None,
+                 url: str | None = None, lease_ttl: float | None = None) -> None:
         self.default_ttl = self._check_ttl(ttl)
+        self._backend = backend_options(url, lease_ttl)
         self.table = Table(name, capacity=capacity, memory=memory, grow=grow, mode=mode,
-                           trust=trust, clock=clock, _clock_bits=True)
+                           trust=trust, clock=clock, _clock_bits=True, **self._backend)
         self._clock = clock
         self._flights: Table | None = None
         # Hits and misses are the table's per-process read counters (exact
@@ -128,7 +136,7 @@ class Cache(MutableMapping[Any, T], Generic[T]):
         self.table.unlink()
         try:
             with Table.open(self._flights_name(), mode=self.table.mode,
-                            trust=self.table.trust) as flights:
+                            trust=self.table.trust, **self._backend) as flights:
                 flights.unlink()
         except TableNotFoundError:
             pass
@@ -287,7 +295,7 @@ class Cache(MutableMapping[Any, T], Generic[T]):
         if self._flights is None:
             cap = max(4096, min(self.table.capacity, 1 << 16))
             self._flights = Table(self._flights_name(), capacity=cap, memory=max(4 << 20, 128 * cap),
-                                  mode=self.table.mode, trust=self.table.trust)
+                                  mode=self.table.mode, trust=self.table.trust, **self._backend)
         return self._flights
 
     def get_or_set(self, key: Any, factory: Callable[[], T], *, ttl: float | None = None,

@@ -91,7 +91,13 @@ def _sharing(args: argparse.Namespace) -> dict:
     unpickle = getattr(args, "unpickle", False)
     trust = shmreg.Trust(uids=users, gids=groups, unpickle=unpickle) \
         if users or groups or unpickle else None
-    return {"mode": 0o600 if mode is None else mode, "trust": trust}
+    url = _url(args)
+    return {"mode": 0o600 if mode is None else mode, "trust": trust, **({"url": url} if url else {})}
+
+
+def _url(args: argparse.Namespace) -> str | None:
+    """The Redis/Valkey URL of --url (or $SHMREG_URL): the tables live there."""
+    return getattr(args, "url", None) or os.environ.get("SHMREG_URL") or None
 
 
 def _open(name: str, args: argparse.Namespace) -> shmreg.Table:
@@ -101,6 +107,10 @@ def _open(name: str, args: argparse.Namespace) -> shmreg.Table:
         return shmreg.Table.open(name, **_sharing(args))
     except shmreg.TableNotFoundError as e:
         from shmreg._names import did_you_mean
+
+        if _url(args):
+            raise shmreg.TableNotFoundError(e.errno, f"no table named {name!r} on {_url(args)}",
+                                            e.filename) from None
 
         raise shmreg.TableNotFoundError(e.errno, f"no table named {name!r}{did_you_mean(name)}",
                                         e.filename) from None
@@ -233,6 +243,8 @@ def _user(uid: int | None) -> str:
 def _cmd_ls(args: argparse.Namespace) -> int:
     from shmreg.metrics import prometheus_text, table_metrics
 
+    if _url(args):
+        return _ls_url(args)
     rows = []
     for name in shmreg.list_tables(all_users=args.all):
         owner = _segment.owner_of(name)
@@ -282,6 +294,29 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         orphan = "  orphan: its creator is gone (shmreg clean)" if r and r.get("orphan") else ""
         print("  ".join(cells + [row[-1]]) + orphan)
+    return EXIT_OK
+
+
+def _ls_url(args: argparse.Namespace) -> int:
+    """``ls --url``: the tables on a Redis/Valkey server (or Cluster)."""
+    from shmreg.backends.redis import list_tables as redis_tables
+
+    url = _url(args)
+    rows = []
+    for name in redis_tables(url):
+        with _open(name, args) as t:
+            st = t.stats()
+        rows.append({k: st[k] for k in ("name", "entries", "owner_processes", "watcher_pid")})
+    if args.json or args.prometheus:
+        _print_json(rows)
+        return EXIT_OK
+    table = [("NAME", "ENTRIES", "OWNERS", "WATCHER")] + [
+        (r["name"], f"{r['entries']:,}", str(r["owner_processes"]), str(r["watcher_pid"] or "-"))
+        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))))
     return EXIT_OK
 
 
@@ -507,7 +542,12 @@ def _users(t: shmreg.Table) -> tuple[list, int | None]:
 def _cmd_destroy(args: argparse.Namespace) -> int:
     names = [args.name]
     flights = f"{args.name}--flights"  # shmreg.Cache's single-flight companion
-    if _segment.owner_of(args.name) is not None and _segment.owner_of(flights) is not None:
+    if _url(args):
+        from shmreg.backends.redis import list_tables as redis_tables
+
+        if flights in redis_tables(_url(args)):
+            names.append(flights)
+    elif _segment.owner_of(args.name) is not None and _segment.owner_of(flights) is not None:
         names.append(flights)
     users: dict = {}
     for name in names:
@@ -529,7 +569,11 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
     removed = []
     for name in names:
         try:
-            shmreg.unlink(name, trust=_sharing(args)["trust"])
+            if _url(args):
+                with _open(name, args) as t:
+                    t.unlink()
+            else:
+                shmreg.unlink(name, trust=_sharing(args)["trust"])
             removed.append(name)
         except shmreg.TableNotFoundError:
             if name == args.name:
@@ -734,6 +778,10 @@ def _sharing_args(p: argparse.ArgumentParser) -> None:
                    help="accept a table as shared as MODE (octal, e.g. 660 or 666; default 600)")
     g.add_argument("--unpickle", action="store_true",
                    help="unpickle values of a table others can write (runs their code as you)")
+    g.add_argument("--url", metavar="URL",
+                   help="the table is on this Redis/Valkey server or Cluster (redis://, "
+                        "rediss://, unix://, redis+cluster://, redis+sentinel://; default "
+                        "$SHMREG_URL); see docs/redis.md")
 
 
 def _add(sub, name: str, func, help: str, description: str | None = None):

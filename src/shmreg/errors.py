@@ -87,3 +87,21 @@ class ConfigMismatchError(Error, ValueError):
 class ConfigMismatchWarning(UserWarning):
     """An existing table was opened with options (capacity, memory, shards,
     eviction) other than the ones it was created with: the creator's win."""
+
+
+class BackendUnavailableError(Error, ConnectionError):
+    """The server behind a Redis/Valkey table cannot be reached (down,
+    restarting, connection killed, timed out).  Whether a write that raised
+    this was applied is unknown; writes that returned were acknowledged."""
+
+
+class LeaseLostError(Error):
+    """An owned write of a Redis/Valkey table was refused: this process's
+    lease expired (it was paused or cut off longer than ``lease_ttl``), so it
+    no longer owns anything and its entries were dropped (fencing).  The next
+    owned write takes a new lease."""
+
+
+class EvictionPolicyWarning(UserWarning):
+    """The Redis/Valkey server may evict keys (``maxmemory-policy`` is not
+    ``noeviction``): entries, leases and index could vanish silently."""

@@ -472,12 +472,13 @@ def _as_flag(value: Any, default: bool) -> bool:
 
 
 def flags_command(table_name: str, name: str | None = None, value: str | bool | None = None, *,
-                  prefix: str = "flag:", mode: int = 0o600, trust: Trust | None = None) -> dict[str, bool]:
+                  prefix: str = "flag:", mode: int = 0o600, trust: Trust | None = None,
+                  url: str | None = None) -> dict[str, bool]:
     """What a ``shmreg flag TABLE [NAME [on|off|unset]]`` command does:
     with ``value``, set (or ``"unset"``) flag ``name``; return the flags
     (all, or just ``name``).  Opens the table, never creates it.
 
-    ``mode`` and ``trust``: as for :meth:`Table.open`.
+    ``mode``, ``trust`` and ``url`` (a Redis/Valkey table): as for :meth:`Table.open`.
 
     :raises TableNotFoundError: no table ``table_name``.
     :raises ValueError: ``value`` is not a boolean word (see :func:`parse_bool`).
@@ -489,7 +490,7 @@ def flags_command(table_name: str, name: str | None = None, value: str | bool | 
     """
     if value is not None and name is None:
         raise ValueError("a value needs a flag name")
-    with Table.open(table_name, mode=mode, trust=trust) as t:
+    with Table.open(table_name, mode=mode, trust=trust, **({"url": url} if url else {})) as t:
         flags = Flags(t, prefix=prefix)
         if name is None:
             return flags.all()

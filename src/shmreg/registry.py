@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from shmreg import _proc
 from shmreg._core import MISSING, Registration
 from shmreg.errors import AlreadyRegisteredError
-from shmreg.table import Table
+from shmreg.table import Table, backend_options
 from shmreg.trust import Trust
 
 __all__ = ["Registry", "Registration"]
@@ -30,6 +30,11 @@ class Registry:
         when it opens one (default ``0o600``); see :class:`~shmreg.Table`.
     :param trust: other users and groups whose table it accepts
         (:class:`~shmreg.Trust`; default none).
+    :param url: a Redis/Valkey URL: the registry lives on that server,
+        shared by every host (a registration lasts as long as its process's
+        lease there; see ``docs/redis.md``).
+    :param lease_ttl: with ``url``: seconds a registering process stays
+        registered without a heartbeat.
 
     >>> reg = Registry("doc-workers", capacity=1000)
     >>> reg.register("worker:1", {"port": 8001})
@@ -39,8 +44,10 @@ class Registry:
     """
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
-                 mode: int = 0o600, trust: Trust | None = None) -> None:
-        self.table = Table(name, capacity=capacity, memory=memory, mode=mode, trust=trust)
+                 mode: int = 0o600, trust: Trust | None = None, url: str | None = None,
+                 lease_ttl: float | None = None) -> None:
+        self.table = Table(name, capacity=capacity, memory=memory, mode=mode, trust=trust,
+                           **backend_options(url, lease_ttl))
         # The two hot reads go straight to the C implementation (no Python
         # frame in between); the methods below document them.
         self.lookup = self.table._registration  # type: ignore[method-assign]

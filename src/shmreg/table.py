@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+from abc import ABCMeta
 import os
 import secrets
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 from shmreg import _core, _segment
-from shmreg._core import MISSING
+from shmreg._surface import TableSurface
 from shmreg.errors import (ConfigMismatchError, ConfigMismatchWarning, CorruptTableError,
                            TableExistsError, TableNotFoundError)
 from shmreg.trust import Trust, check_mode, check_trust
@@ -61,6 +63,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def backend_options(url: str | None, lease_ttl: float | None = None) -> dict:
+    """The keyword options that select a table's backend, for the layers that
+    open tables on a caller's behalf (Registry, Cache, Watcher): none for
+    the local one, ``url`` (and ``lease_ttl``) for Redis/Valkey."""
+    if url is None:
+        if lease_ttl is not None:
+            raise ValueError("lease_ttl applies to a Redis/Valkey table (url=...)")
+        return {}
+    return {"url": url} if lease_ttl is None else {"url": url, "lease_ttl": lease_ttl}
+
+
 def _reopen(name: str, mode: int, trust: Trust | None) -> "Table":
     # How a pickled Table comes back in a spawn/forkserver child.
     return Table.open(name, mode=mode, trust=trust)
@@ -68,7 +81,7 @@ def _reopen(name: str, mode: int, trust: Trust | None) -> "Table":
 
 
 
-class Table(_core.CoreTable):
+class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
     """A hash table in shared memory, attached by name from any process of
     this user on this host.
 
@@ -117,6 +130,9 @@ class Table(_core.CoreTable):
         :class:`~shmreg.PickledValue` unless ``Trust(unpickle=True)``.
     :param clock: for tests: a callable returning monotonic seconds, used
         for TTLs instead of ``CLOCK_MONOTONIC``.
+    :param url: a Redis/Valkey URL: the table lives on that server (or
+        Cluster) instead, shared across hosts, with the same surface; see
+        :class:`shmreg.backends.redis.RedisTable` and ``docs/redis.md``.
     :param strict: an existing table whose geometry differs from an explicit
         ``capacity``/``memory``/``shards`` raises :class:`ConfigMismatchError`
         instead of warning (:class:`ConfigMismatchWarning`, the default).
@@ -127,6 +143,15 @@ class Table(_core.CoreTable):
     ...     t.unlink()
     6
     """
+
+    def __new__(cls, name: str, *args: Any, url: str | None = None, **options: Any) -> "Table":
+        # ``url=`` selects the Redis/Valkey backend: the same surface
+        # (TableSurface) over RedisCore, registered as a virtual subclass
+        # so isinstance(t, Table) holds for both.
+        if url is not None:
+            from shmreg.backends.redis import RedisTable
+            return RedisTable(name, *args, url=url, **options)  # type: ignore[return-value]
+        return super().__new__(cls)
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
                  shards: int | None = None, grow: bool | None = None, mode: int = 0o600,
@@ -183,13 +208,14 @@ class Table(_core.CoreTable):
 
     @classmethod
     def open(cls, name: str, *, mode: int = 0o600, trust: Trust | None = None,
-             clock: Callable[[], float] | None = None) -> "Table":
-        """Open an existing table (``mode`` and ``trust`` as for :class:`Table`).
+             clock: Callable[[], float] | None = None, **options: Any) -> "Table":
+        """Open an existing table (``mode`` and ``trust`` as for :class:`Table`;
+        ``url=`` a Redis/Valkey one, which must hold entries or a marker).
 
         :raises TableNotFoundError: there is none.
         :raises UntrustedTableError: its segment is not one to trust.
         """
-        return cls(name, mode=mode, trust=trust, clock=clock, _how="open")
+        return cls(name, mode=mode, trust=trust, clock=clock, _how="open", **options)
 
     @staticmethod
     def temporary(label: str = "", **options: Any) -> "contextlib.AbstractContextManager[Table]":
@@ -236,123 +262,6 @@ class Table(_core.CoreTable):
         """The most bytes of keys and values the table holds (its limit, spread
         evenly over the shards; fixed at creation)."""
         return self._header()["memory"]
-
-    # -- dict protocol ---------------------------------------------------------
-
-    def __iter__(self) -> Iterator[Any]:
-        for si in range(self.nshards):
-            yield from self._shard_entries(si, 0)
-
-    def keys(self) -> list:
-        """All keys, as a list (built shard by shard)."""
-        return [k for si in range(self.nshards) for k in self._shard_entries(si, 0)]
-
-    def values(self) -> list:
-        """All values, as a list (built shard by shard)."""
-        return [v for si in range(self.nshards) for v in self._shard_entries(si, 1)]
-
-    def items(self) -> list:
-        """All ``(key, value)`` pairs, as a list (built shard by shard)."""
-        return [kv for si in range(self.nshards) for kv in self._shard_entries(si, 3)]
-
-    def pop(self, key: Any, default: Any = MISSING) -> Any:
-        """Remove ``key`` and return its value (atomic); KeyError if absent
-        and no ``default``."""
-        return self.take(key, default)
-
-    def update(self, other: Mapping | Iterable = (), /, **kwargs: Any) -> None:
-        """Store every pair of ``other`` and ``kwargs`` (each store atomic, the
-        whole update not)."""
-        pairs = other.items() if isinstance(other, Mapping) else other
-        for k, v in pairs:
-            self[k] = v
-        for k, v in kwargs.items():
-            self[k] = v
-
-    # -- ETS operations --------------------------------------------------------
-
-    def compare_and_swap(self, key: Any, expected: Any, new: Any) -> bool:
-        """Replace the value of ``key`` with ``new`` if it currently equals
-        ``expected`` (``==``); return whether it did.  Absent key: False.
-
-        >>> t.set("state", "idle")
-        >>> t.compare_and_swap("state", "idle", "busy")
-        True
-        >>> t.compare_and_swap("state", "idle", "busy")
-        False
-        """
-        while True:
-            raw = self._get_raw(key)
-            if raw is None or _core.decode_raw(raw[0], raw[1], self.allow_pickle) != expected:
-                return False
-            if self._cas_raw(key, raw[0], raw[1], new):
-                return True
-            # Changed between our read and our lock: judge the new value.
-
-    def ttl(self, key: Any) -> float | None:
-        """Seconds until ``key`` expires, or None if it never does.
-        :raises KeyError: absent or expired."""
-        ns = self._ttl_ns(key)
-        return None if ns < 0 else ns / 1e9
-
-    def select(self, prefix: str | bytes | None = None, owner: int | None = None
-               ) -> Iterator[tuple]:
-        """Iterate ``(key, value)`` pairs, optionally only keys starting with
-        ``prefix`` (same type as the keys: ``str`` or ``bytes``) and only
-        entries owned by the live process ``owner`` (a pid).  Shard by shard,
-        like ``items()``."""
-        if prefix is not None and not isinstance(prefix, (str, bytes)):
-            raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")
-        if owner is None:
-            for si in range(self.nshards):
-                yield from self._shard_entries(si, 3, prefix)
-            return
-        owners = self._owner_ids(owner)
-        if not owners:
-            return
-        for si in range(self.nshards):
-            for key, value, _exp, own in self._shard_entries(si, 4, prefix):
-                if own in owners:
-                    yield key, value
-
-    def owner(self, key: Any) -> int | None:
-        """Pid of the live process that owns ``key``; None if the entry is not
-        owned.  :raises KeyError: absent (or its owner is dead)."""
-        owner = self._owner_of(key)      # (never decodes, so never unpickles, the value)
-        return self._owner_pid(owner) if owner else None
-
-    def _owner_ids(self, pid: int) -> set:
-        if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TypeError(f"owner must be a pid (int), not {type(pid).__name__}")
-        return {p["owner"] for p in self._proc_table() if p["pid"] == pid and p["alive"]}
-
-    def reap(self, pid: int, *, force: bool = False) -> int:
-        """Delete the entries owned by process ``pid`` and return how many.
-
-        Idempotent: 0 when a watcher (or an earlier call) already reaped them.
-        A live ``pid`` is left alone (returns 0) unless ``force``: then its
-        entries are deleted but it keeps its slot.  Entries of a dead owner
-        are already invisible to every read; reaping frees their memory.
-        """
-        if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TypeError(f"pid must be an int, not {type(pid).__name__}")
-        n = 0
-        for p in self._proc_table():
-            if p["pid"] != pid or (p["alive"] and not force):
-                continue
-            n += self._reap(p["owner"], False)[0]
-            self._release(p["owner"])
-        return n
-
-    def reap_dead(self) -> int:
-        """Delete every entry whose owner is dead (including owners whose pid
-        is no longer known), free their process slots; return how many."""
-        n = 0
-        for p in self._proc_table():
-            if not p["alive"]:
-                n += self._reap(p["owner"], False)[0]
-                self._release(p["owner"])
-        return n + self._reap(0, False)[0]
 
     # -- introspection ---------------------------------------------------------
 
@@ -457,6 +366,19 @@ class Table(_core.CoreTable):
             if msg:
                 raise CorruptTableError(msg)
         return repaired if repair else None
+
+
+def _documented_signature() -> "inspect.Signature":
+    # Table(name, ...) as users call it: __init__'s options plus url= (which
+    # __new__ takes to pick the backend), not __new__'s (*args, **options).
+    sig = inspect.signature(Table.__init__)
+    params = [p for p in sig.parameters.values() if p.name != "self" and not p.name.startswith("_")]
+    url = inspect.Parameter("url", inspect.Parameter.KEYWORD_ONLY, default=None,
+                            annotation="str | None")
+    return sig.replace(parameters=[*params, url], return_annotation=inspect.Signature.empty)
+
+
+Table.__signature__ = _documented_signature()  # type: ignore[attr-defined]
 
 
 def _check_config(t: Table, capacity: int | None, memory: int | None, shards: int | None,

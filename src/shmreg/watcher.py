@@ -20,7 +20,8 @@ import time
 from typing import Any, Callable
 
 from shmreg import _proc
-from shmreg.table import Table
+from shmreg.errors import BackendUnavailableError
+from shmreg.table import Table, backend_options
 from shmreg.trust import Trust
 
 __all__ = ["Watcher"]
@@ -128,17 +129,24 @@ class Watcher:
         accepted (:class:`~shmreg.Trust`).  ``on_death`` then gets their
         pickled values as opaque :class:`~shmreg.PickledValue` unless
         ``Trust(unpickle=True)``.
+    :param url: with a name: the table is a Redis/Valkey one.  Run one
+        watcher per host: it reaps this host's dead processes the moment
+        they die (deleting their leases, so every host stops seeing their
+        entries) and any host's whose leases expired; ``on_death`` runs at
+        least once per death (again if the watcher running it died).
+    :param lease_ttl: with ``url``: as for the table.
 
     >>> with Watcher("jobs"):          # active (or standby) in a daemon thread
     ...     run_the_app()
     """
 
     def __init__(self, table_or_name: Table | str, *, on_death: OnDeath | None = log_death,
-                 interval: float = 1.0, mode: int = 0o600, trust: Trust | None = None) -> None:
+                 interval: float = 1.0, mode: int = 0o600, trust: Trust | None = None,
+                 url: str | None = None, lease_ttl: float | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.table = table_or_name if isinstance(table_or_name, Table) else \
-            Table.open(table_or_name, mode=mode, trust=trust)
+            Table.open(table_or_name, mode=mode, trust=trust, **backend_options(url, lease_ttl))
         self.on_death = on_death
         self.interval = interval
         self.reaped_processes = 0
@@ -206,7 +214,15 @@ class Watcher:
         self._active.set()
         self._poller = _Poller()
         try:
-            self._loop()
+            while True:
+                try:
+                    self._loop()
+                    break
+                except BackendUnavailableError as e:
+                    # A Redis/Valkey table whose server is away: keep watching.
+                    log.warning("watcher of %r: %s; retrying", self.table.name, e)
+                    if self._stop.wait(0.5):
+                        break
         except ValueError:
             if not self.table.closed:
                 raise
@@ -271,7 +287,12 @@ class Watcher:
             for owner, p in live.items():
                 if owner in watched:
                     continue
-                if not p["alive"] or not self._poller.watch(p["pid"], owner):
+                if not p["alive"]:
+                    self._reap(p)
+                    continue
+                if not p.get("local", True):
+                    continue   # another host's process: its lease tells (the sweep)
+                if not self._poller.watch(p["pid"], owner):
                     self._reap(p)
                     continue
                 # The pid may have been reused before we opened it: the start
