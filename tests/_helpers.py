@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 _counter = itertools.count()
@@ -102,3 +104,23 @@ def unlink_tables(prefix: str) -> None:
                 shmreg.unlink(name)
             except shmreg.TableNotFoundError:
                 pass
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str, prefix: str = "shmreg-tmpfs-"):
+    """A tmpfs of ``size`` ("8m") mounted on a fresh directory for the block,
+    unmounted after it; needs CAP_SYS_ADMIN (root), which CI has (skips
+    elsewhere, saying why)."""
+    import pytest
+
+    d = tempfile.mkdtemp(prefix=prefix)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=True)
+        os.rmdir(d)

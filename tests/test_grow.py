@@ -17,13 +17,11 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 
 import shmreg
-from _helpers import run_py, spawn_py, stop_process_tree
+from _helpers import mounted_tmpfs, run_py, spawn_py, stop_process_tree
 
 
 def allocated(t: shmreg.Table) -> int:
@@ -128,18 +126,13 @@ def test_old_attachments_fork_and_spawn_children_and_cli_see_growth(table_name):
         assert p.wait(60) == 0, p.stderr.read()
         assert (n, missing) == (200_000, 0) and slots1 > slots0
         # A fork child (of this process, attached before) and a spawn child.
-        ctx = mp.get_context("fork")
-        q = ctx.Queue()
-        c = ctx.Process(target=_count_and_check, args=(t, q))
-        c.start()
-        assert q.get(timeout=60) == (200_000, 0)
-        c.join(30)
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        c = ctx.Process(target=_count_and_check, args=(t, q))
-        c.start()
-        assert q.get(timeout=60) == (200_000, 0)
-        c.join(30)
+        for method in ("fork", "spawn"):
+            ctx = mp.get_context(method)
+            q = ctx.Queue()
+            c = ctx.Process(target=_count_and_check, args=(t, q))
+            c.start()
+            assert q.get(timeout=60) == (200_000, 0), method
+            c.join(30)
         # The CLI.
         out = subprocess.run([sys.executable, "-m", "shmreg", "get", table_name, "k199999"],
                              capture_output=True, text=True, timeout=60)
@@ -210,16 +203,9 @@ def test_the_watcher_sweep_compacts_mostly_empty_shards(table_name):
 
 @pytest.fixture
 def small_tmpfs():
-    """An 8 MiB tmpfs; needs CAP_SYS_ADMIN (root), which CI has."""
-    d = tempfile.mkdtemp(prefix="shmreg-grow-")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", d],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    yield d
-    subprocess.run(["umount", "-l", d], check=True)
-    os.rmdir(d)
+    """An 8 MiB tmpfs (root, which CI has)."""
+    with mounted_tmpfs("8m", "shmreg-grow-") as d:
+        yield d
 
 
 @pytest.mark.timeout(120)

@@ -7,12 +7,11 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 import shmreg
-from _helpers import run_py, unique_name
+from _helpers import mounted_tmpfs, run_py, unique_name
 
 
 def _child_attach_and_exit(name: str) -> None:
@@ -150,16 +149,9 @@ def test_segment_mode_is_private(table):
 
 @pytest.fixture
 def tiny_tmpfs():
-    """A 2 MiB tmpfs; needs CAP_SYS_ADMIN (root), which CI has."""
-    d = tempfile.mkdtemp(prefix="shmreg-tiny-")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", d],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    yield d
-    subprocess.run(["umount", d], check=True)
-    os.rmdir(d)
+    """A 2 MiB tmpfs (root, which CI has)."""
+    with mounted_tmpfs("2m", "shmreg-tiny-") as d:
+        yield d
 
 
 def test_tiny_tmpfs_fails_cleanly(tiny_tmpfs):

@@ -55,6 +55,14 @@ def finish(p: subprocess.Popen, timeout: float = 60) -> str:
     return out
 
 
+def kill_all(procs) -> None:
+    """Kill the children still running (a failed test) and collect them."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=10)
+
+
 # -- the dict / ETS surface ------------------------------------------------------
 
 def test_is_a_table_and_dict_protocol(rt):
@@ -352,11 +360,7 @@ def test_single_flight_across_processes(url):
             assert calls["factory"] == 1
             calls.unlink()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate(timeout=10)
-                p.communicate(timeout=10)
+        kill_all(procs)
         shmreg.Cache(name, url=url).unlink()
 
 
@@ -383,10 +387,7 @@ def test_insert_new_one_winner_and_exact_counters(url):
             assert len(list(t.select(prefix="slot:"))) == 50
             t.unlink()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate(timeout=10)
+        kill_all(procs)
 
 
 # Python >= 3.12 warns when forking a multi-threaded process (the heartbeat

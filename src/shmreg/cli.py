@@ -189,7 +189,8 @@ def _cmd_stat(args: argparse.Namespace) -> int:
     else:
         width = max(map(len, st))
         for k, v in st.items():
-            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
+            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool)
+                  else f"{k:<{width}}  {v}")
     return EXIT_OK
 
 
