@@ -400,3 +400,17 @@ def test_growth_under_sigkilled_writers_and_verifying_readers(table_name, total)
             stop_process_tree(r)
         t.unlink()
         t.close()
+
+
+def test_an_emptied_shard_takes_an_item_as_large_as_its_arena(table_name):
+    """A free block left below top must be merged with the room past top
+    (found by the model test: the coalesce before growing was skipped when
+    the free bytes alone were fewer than the item needed)."""
+    with shmreg.Table.create(table_name, capacity=64, memory=4096, shards=1) as t:
+        arena = t.stats()["max_item_bytes"]
+        assert t.insert_new("a", b"")
+        assert t.compare_and_swap("a", b"", b"")   # a new block; the old one freed below top
+        assert t.delete("a")
+        t["a"] = b"\0" * (arena - 24 - 1)            # the whole arena, to the byte
+        t.check()
+        t.unlink()

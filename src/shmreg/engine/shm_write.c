@@ -183,8 +183,10 @@ static uint64_t make_block(shm_view_t *v, uint32_t si, uint64_t need, uint64_t n
     if (noff != SHM_NIL) return noff;
     /* Merging free blocks walks the arena: worth it only when there is a
      * fair amount free (not on every step of a growing shard). */
+    /* (What is free below top, merged, joins what lies past it.) */
     freeb = sh->top > sh->used ? sh->top - sh->used : 0;
-    if (freeb >= need && (freeb >= sh->top / 16 || sh->arena_cap >= v->arena_size)) {
+    if (freeb + (sh->arena_cap > sh->top ? sh->arena_cap - sh->top : 0) >= need
+            && (freeb >= sh->top / 16 || sh->arena_cap >= v->arena_size)) {
         if (shm_coalesce(v, si) < 0) { *st = SHM_CORRUPT; return SHM_NIL; }
         noff = shm_alloc_block(v, si, need);
         if (noff != SHM_NIL) return noff;
