@@ -79,9 +79,9 @@ class NearTable:
         sizes = {k: v for k, v in (("capacity", capacity), ("memory", memory)) if v is not None}
         self.near = Table(self.near_name, mode=table.mode, trust=table.trust, **sizes)
         self.ctl = Table(self.ctl_name, mode=table.mode, trust=table.trust)
-        self._nget = self.near.get
         self._cget = self.ctl.get
-        self.near_hits = 0       # reads served by the near table (this process)
+        self.get = _hot_get(self.near.get, self._miss)   # type: ignore[method-assign]
+        self._placeholders_seen = 0  # near-table hits that were placeholders (misses)
         self.near_misses = 0     # reads that went to the server
         self.near_fills = 0      # values this process installed
         self.near_bypassed = 0   # misses served while the near cache was off
@@ -111,14 +111,19 @@ class NearTable:
 
     # -- reads ---------------------------------------------------------------------
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def get(self, key: Any, default: Any = None) -> Any:  # replaced per instance by _hot_get
         """The value of ``key``: from the near table if it holds it, else from
         the server (filling the near table when the agent is ready)."""
-        v = self._nget(key, MISSING)
+        v = self.near.get(key, MISSING)
         if v is not MISSING and (v.__class__ is not bytes or not v.startswith(MAGIC)):
-            self.near_hits += 1
             return v
         return self._miss(key, default, v)
+
+    @property
+    def near_hits(self) -> int:
+        """Reads of this process served by the near table (the local
+        table's own C hit counter, less the placeholders it met)."""
+        return self.near._hits - self._placeholders_seen
 
     def __getitem__(self, key: Any) -> Any:
         v = self.get(key, MISSING)
@@ -133,6 +138,7 @@ class NearTable:
         self.near_misses += 1
         self._ensure_candidate()
         if seen is not MISSING:           # somebody's placeholder
+            self._placeholders_seen += 1
             _clear_stale_placeholder(self.near, key, seen)
             return self._t.get(key, default)
         ready = self._cget("ready")
@@ -292,6 +298,20 @@ class NearTable:
 
     def __repr__(self) -> str:
         return f"<shmreg near cache of {self._t!r}>"
+
+
+def _hot_get(nget: Any, miss: Any) -> Any:
+    # The hit path as a closure over the near table's C ``get`` (no
+    # attribute lookups, no Python counter: the C table counts the hits).
+    def get(key: Any, default: Any = None, _missing: Any = MISSING, _bytes: type = bytes,
+            _magic: bytes = MAGIC) -> Any:
+        """The value of ``key``: from the near table if it holds it, else from
+        the server (filling the near table when the agent is ready)."""
+        v = nget(key, _missing)
+        if v is not _missing and (v.__class__ is not _bytes or not v.startswith(_magic)):
+            return v
+        return miss(key, default, v)
+    return get
 
 
 def _wrap_write(name: str) -> Any:
