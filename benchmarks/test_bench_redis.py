@@ -10,8 +10,9 @@ plain redis-py command that does the same job:
 - ``get``: ``Table.get`` (one EVALSHA: GET + owner check) vs ``GET``;
 - ``set``: ``Table[k] = v`` (EVALSHA: SET + index + owner bookkeeping) vs ``SET``;
 - ``update_counter`` vs ``INCRBY``; ``insert_new`` (a miss: stores) vs ``SET NX``;
-- ``owned get``: a get of an owned entry (also checks the owner's lease)
-  vs ``Table.get`` of a plain one.
+- ``owned get``: a get of an owned entry (``GET``, then ``EXISTS`` of the
+  owner's lease) and a ``Registry.lookup`` (one script: value, owner and
+  lease) vs ``Table.get`` of a plain one.
 
 ``test_reap_latency`` measures across two simulated hosts how long a reader
 on host B keeps seeing the entries of a process SIGKILLed on host A: with
@@ -139,6 +140,58 @@ def test_owned_get_owned_entry(benchmark, table):
     _run(benchmark, "owned get", "shmreg get (owned)", lambda: [table.get("owned:" + k) for k in KEYS])
 
 
+def test_owned_get_registry_lookup(benchmark, table):
+    reg = shmreg.Registry(table.name, url=table.url)     # (the same table: its owned entries)
+    _run(benchmark, "owned get", "Registry.lookup", lambda: [reg.lookup("owned:" + k) for k in KEYS])
+
+
+def test_interleaved_ratios(plain, table):
+    """The same pairs, each baseline and backend call alternating for 40
+    rounds: on a loaded machine, drift hits both sides of a round alike, so
+    the median of per-round ratios is the figure to quote."""
+    reg = shmreg.Registry(table.name, url=table.url)
+    newp = f"{{shmreg:{table.name}}}:k:snew:"
+
+    def insert_plain():
+        plain.delete(*["plain:new:" + k for k in KEYS])
+        for k in KEYS:
+            plain.set("plain:new:" + k, VALUE, nx=True)
+
+    def insert_ours():
+        plain.delete(*[newp + k for k in KEYS])
+        for k in KEYS:
+            table.insert_new("new:" + k, VALUE)
+
+    def set_ours():
+        for k in KEYS:
+            table[k] = VALUE
+
+    pairs = {
+        "get": (lambda: [plain.get("plain:" + k) for k in KEYS], lambda: [table.get(k) for k in KEYS]),
+        "set": (lambda: [plain.set("plain:" + k, VALUE) for k in KEYS], set_ours),
+        "update_counter": (lambda: [plain.incrby("plain:n:" + k, 1) for k in KEYS],
+                           lambda: [table.update_counter("n:" + k) for k in KEYS]),
+        "insert_new": (insert_plain, insert_ours),
+        "get (owned) vs get": (lambda: [table.get(k) for k in KEYS],
+                               lambda: [table.get("owned:" + k) for k in KEYS]),
+        "Registry.lookup vs get": (lambda: [table.get(k) for k in KEYS],
+                                   lambda: [reg.lookup("owned:" + k) for k in KEYS]),
+    }
+    for name, (base, ours) in pairs.items():
+        ratios, tb, to = [], [], []
+        for _ in range(40):
+            t0 = time.perf_counter()
+            base()
+            t1 = time.perf_counter()
+            ours()
+            t2 = time.perf_counter()
+            tb.append(t1 - t0)
+            to.append(t2 - t1)
+            ratios.append((t2 - t1) / (t1 - t0))
+        RESULTS[("interleaved", name)] = (min(tb) / OPS * 1e6, min(to) / OPS * 1e6,
+                                          statistics.median(ratios))
+
+
 OWNER = """if 1:
     import sys, time, shmreg
     t = shmreg.Table(sys.argv[1], url=sys.argv[2], lease_ttl=float(sys.argv[3]))
@@ -208,12 +261,17 @@ def test_zz_summary():
     pairs = [("get", "redis-py GET", "shmreg"), ("set", "redis-py SET", "shmreg"),
              ("update_counter", "redis-py INCRBY", "shmreg"),
              ("insert_new", "redis-py SET NX", "shmreg"),
-             ("owned get", "shmreg get (not owned)", "shmreg get (owned)")]
+             ("owned get", "shmreg get (not owned)", "shmreg get (owned)"),
+             ("owned get", "shmreg get (not owned)", "Registry.lookup")]
     for group, base, ours in pairs:
         if (group, base) in RESULTS and (group, ours) in RESULTS:
             (bmin, bmed), (omin, omed) = RESULTS[(group, base)], RESULTS[(group, ours)]
             lines.append(f"  {group:<15} {base:<24} {bmin:6.1f} / {bmed:6.1f}   {ours:<22} "
                          f"{omin:6.1f} / {omed:6.1f}   ratio {omin / bmin:.2f}x / {omed / bmed:.2f}x")
+    lines.append("interleaved (baseline us/op min, backend us/op min, median per-round ratio):")
+    for (group, who), v in RESULTS.items():
+        if group == "interleaved":
+            lines.append(f"  {who:<24} {v[0]:6.1f}  {v[1]:6.1f}   ratio {v[2]:.2f}x")
     for (group, who), v in RESULTS.items():
         if group == "reap latency ms":
             lines.append(f"  reap latency: {who:<34} p50 {v[0]:8.1f} ms   max {v[1]:8.1f} ms")

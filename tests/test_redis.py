@@ -445,3 +445,45 @@ def _sentinel_ready(client) -> bool:
         return client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "shmreg-test") is not None
     except redis.exceptions.ConnectionError:
         return False
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_keys = st.one_of(st.text(max_size=4), st.binary(max_size=4), st.integers(-3, 3))
+_values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
+                    st.text(max_size=8), st.binary(max_size=8), st.lists(st.integers(), max_size=3))
+_ops = st.lists(st.tuples(st.sampled_from(["set", "del", "insert_new", "take", "counter", "setdefault"]),
+                          _keys, _values), max_size=20)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops)
+def test_model_against_a_dict(redis_server, ops):
+    """Random operation sequences leave the Redis table equal to a dict."""
+    t = shmreg.Table(unique_name("model"), url=redis_server.url)
+    model: dict = {}
+    try:
+        for op, k, v in ops:
+            if op == "set":
+                t[k] = v
+                model[k] = v
+            elif op == "del":
+                assert t.delete(k) == (k in model)
+                model.pop(k, None)
+            elif op == "insert_new":
+                assert t.insert_new(k, v) == (k not in model)
+                model.setdefault(k, v)
+            elif op == "take":
+                assert t.take(k, "absent") == model.pop(k, "absent")
+            elif op == "setdefault":
+                assert t.setdefault(k, v) == model.setdefault(k, v)
+            elif isinstance(model.get(k, 0), int) and not isinstance(model.get(k, 0), bool) \
+                    and abs(model.get(k, 0)) < 2**62:
+                assert t.update_counter(k, 2) == model.get(k, 0) + 2
+                model[k] = model.get(k, 0) + 2
+            assert len(t) == len(model)
+        assert sorted(map(repr, t.items())) == sorted(map(repr, model.items()))
+    finally:
+        t.unlink()
+        t.close()

@@ -200,8 +200,11 @@ class RedisCore:
         r = self._fast(key)
         return None if r is None else codec.to_raw(r[0])
 
+    # The reads that expect an owned entry (Registry's) run the read script:
+    # one round trip, where GET + EXISTS would be two.
+
     def _get_owned(self, key: Any, default: Any = None) -> Any:
-        r = self._fast(key)
+        r = self._read(key)
         return default if r is None else (self._decode(r[0]), self._owner(r[1]))
 
     def _get_stale(self, key: Any, default: Any = None) -> Any:
@@ -216,20 +219,20 @@ class RedisCore:
         return -1 if r[2] < 0 else r[2] * 1_000_000
 
     def _owner_of(self, key: Any) -> Any:
-        r = self._fast(key)
+        r = self._read(key)
         if r is None:
             raise KeyError(key)
         return self._owner(r[1])
 
     def _registration(self, key: Any) -> Registration | None:
-        r = self._fast(key)
+        r = self._read(key)
         if r is None or not r[1]:
             return None
         pid = self._owner_pid(self._owner(r[1]))
         return None if pid is None else Registration(pid, self._decode(r[0]))
 
     def _whereis(self, key: Any) -> int | None:
-        r = self._fast(key)
+        r = self._read(key)
         return None if r is None or not r[1] else self._owner_pid(self._owner(r[1]))
 
     def __len__(self) -> int:
