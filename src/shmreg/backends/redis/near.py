@@ -45,6 +45,8 @@ _PH = struct.Struct("<Id")
 #: the next reader that meets it.
 FILL_TIMEOUT = 5.0
 _OWNER_MASK = 0xFFFFFFFF
+#: Seconds a near copy expires before the server's copy.
+TTL_MARGIN = 0.025
 
 
 def near_names(name: str, url: str) -> tuple[str, str]:
@@ -171,8 +173,9 @@ class NearTable:
             return
         if isinstance(pttl, int) and pttl >= 0:
             # The local copy expires no later than the server's: its ttl
-            # counts from before the read was sent.
-            left = pttl / 1000 - (time.monotonic() - t0)
+            # counts from before the read was sent, less a margin for the
+            # server's cached clock (it may run a few ms behind).
+            left = pttl / 1000 - (time.monotonic() - t0) - TTL_MARGIN
             if left <= 0 or not near.expire(key, left):
                 near.delete(key)
                 return
@@ -358,6 +361,7 @@ def near_status_of(ctl: Any) -> dict:
         "near_invalidations": ctl.get("invalidations", 0),
         "near_flushes": ctl.get("flushes", 0),
         "near_last_doubt": ctl.get("last_doubt"),
+        "near_heartbeats": ctl.get("heartbeats", 0),
     }
 
 

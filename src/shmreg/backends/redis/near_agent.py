@@ -239,6 +239,9 @@ class Agent:
                 raise Doubt(f"heartbeat refused: {m}")
             else:
                 replied = True
+        # (Published for status pages, and for tests: a round trip that began
+        # after a write ends after that write's invalidation was handled.)
+        self.ctl.update_counter("heartbeats", 1)
 
     def _on_push(self, m: Push) -> None:
         if len(m) < 2 or m[0] != b"invalidate":
