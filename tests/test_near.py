@@ -330,3 +330,20 @@ def test_a_full_near_table_serves_from_the_server(redis_server):
     finally:
         c.unlink()
         c.close()
+
+
+def test_shmreg_stat_shows_the_hosts_near_cache(near, server):
+    c, _ = near
+    import json
+    import subprocess
+    import sys
+    run = [sys.executable, "-m", "shmreg", "stat", c.name, "--url", server.url]
+    out = subprocess.run(run + ["--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["near_state"] == "ready" and st["near_agent_pid"] == os.getpid()
+    # (What `shmreg stat --prometheus` appends to a Redis table's metrics.)
+    from shmreg.backends.redis.near import near_prometheus_text
+    prom = near_prometheus_text(c.table._t)
+    assert f'shmreg_near_ready{{table="{c.name}"}} 1' in prom
+    assert "# TYPE shmreg_near_flushes_total counter" in prom

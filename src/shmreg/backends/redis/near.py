@@ -393,3 +393,42 @@ def near_table(table: Any, near: Any) -> NearTable:
         return NearTable(table, **near)
     table.close()
     raise ValueError(f"near must be True or a dict with 'capacity'/'memory', not {near!r}")
+
+
+#: ``(metric name, type, near_status key, help)`` of the Prometheus text.
+NEAR_METRICS: tuple = (
+    ("shmreg_near_ready", "gauge", "near_state",
+     "1 if this host's near cache serves (tracking established), else 0."),
+    ("shmreg_near_epoch", "counter", "near_epoch",
+     "Times this host's agent (re)established tracking."),
+    ("shmreg_near_invalidations_total", "counter", "near_invalidations",
+     "Keys this host's agent evicted on the server's invalidations."),
+    ("shmreg_near_flushes_total", "counter", "near_flushes",
+     "Times this host's near table was emptied in doubt (connection lost, late heartbeat...)."),
+    ("shmreg_near_heartbeats_total", "counter", "near_heartbeats",
+     "Heartbeat round trips of this host's agent."),
+)
+
+
+def host_near_status(table: Any) -> dict:
+    """This host's near-cache status of Redis table ``table`` (``{}`` if it
+    is a local table, or no process of this host used a near cache on it)."""
+    url = getattr(table, "url", None)
+    if url is None:
+        return {}
+    return near_status(table.name, url) or {}
+
+
+def near_prometheus_text(table: Any) -> str:
+    """This host's near-cache metrics of ``table`` in the Prometheus text
+    format (labelled ``table=NAME``), or ``""`` when it has none."""
+    st = host_near_status(table)
+    if not st:
+        return ""
+    label = table.name.replace("\\", "\\\\").replace('"', '\\"')
+    lines = []
+    for name, kind, key, help_ in NEAR_METRICS:
+        v = st[key]
+        v = int(v == "ready") if key == "near_state" else int(v or 0)
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f'{name}{{table="{label}"}} {v}']
+    return "\n".join(lines) + "\n"
