@@ -49,8 +49,7 @@ local function lease_alive(tok)
 end
 -- value (without the owner mark), owner token ('' if none) of a live
 -- entry; nil if absent or its owner is dead
-local function live(ek)
-  local v = redis.call('GET', ek)
+local function live_of(v)
   if not v then return nil end
   if string.byte(v, 1) == 0 then
     local o = string.sub(v, 2, 17)
@@ -58,6 +57,9 @@ local function live(ek)
     return string.sub(v, 18), o
   end
   return v, ''
+end
+local function live(ek)
+  return live_of(redis.call('GET', ek))
 end
 local function unmark(v)
   if v and string.byte(v, 1) == 0 then return string.sub(v, 18) end
@@ -82,8 +84,9 @@ local function fence(tok)
   end
   return nil
 end
--- store v (ttl ms or '' for none, owner token or '')
-local function store(ek, v, ttl, tok)
+-- store v (ttl ms or '' for none, owner token or ''); `was` is the key's
+-- previous raw value if the caller read it (nil: absent, or unknown)
+local function store(ek, v, ttl, tok, was)
   if tok ~= '' then v = '\0' .. tok .. v end
   if ttl ~= '' then
     redis.call('SET', ek, v, 'PX', ttl)
@@ -92,8 +95,11 @@ local function store(ek, v, ttl, tok)
     redis.call('SET', ek, v)
     redis.call('ZREM', EXP, ek)
   end
-  redis.call('ZADD', IDX, 0, ek)
-  drop_owner(ek)
+  -- A key that held a value is indexed already (every write indexes it), and
+  -- only a marked (owned) one can have an owner to forget; an absent key
+  -- may have left both behind when it expired.
+  if not was then redis.call('ZADD', IDX, 0, ek) end
+  if not was or string.byte(was, 1) == 0 then drop_owner(ek) end
   if tok ~= '' then
     redis.call('HSET', OWN, ek, tok)
     redis.call('SADD', P .. ':o:' .. tok, ek)
@@ -121,10 +127,11 @@ PUT = PRELUDE + r"""
 local ek, mode, val, ttl, tok = KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local err = fence(tok)
 if err then return err end
-local v = live(ek)
+local raw = redis.call('GET', ek)
+local v = live_of(raw)
 if mode == 'new' and v then return {0, v} end
 if mode == 'cas' and v ~= ARGV[6] then return {0} end
-store(ek, val, ttl, tok)
+store(ek, val, ttl, tok, raw)
 return {1}
 """
 
@@ -157,6 +164,8 @@ if not (c == 45 or (c >= 48 and c <= 57)) then return redis.error_reply('NOTINT'
 if o == '' then
   local res = redis.pcall('INCRBY', ek, ARGV[2])
   if type(res) == 'table' then return redis.error_reply('OVERFLOW') end
+  -- (a Lua number is a double: exact below 2^53, else read the decimal back)
+  if res > -9007199254740992 and res < 9007199254740992 then return res end
   return redis.call('GET', ek)
 end
 -- An owned counter: the arithmetic on a scratch key, the owner mark kept.
