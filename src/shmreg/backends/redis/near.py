@@ -91,6 +91,9 @@ class NearTable:
         self._agent: Any = None
         self._agent_pid = 0
         self._guard = threading.Lock()
+        # Stand as a candidate at once (a forked child starts its own
+        # candidate on its first miss).
+        self._ensure_candidate()
 
     # -- the candidate/agent thread of this process ---------------------------------
 
@@ -106,8 +109,8 @@ class NearTable:
                     self._agent_pid = os.getpid()
 
     def start(self) -> "NearTable":
-        """Stand as a candidate for this host's agent now (otherwise on the
-        first miss)."""
+        """Stand as a candidate for this host's agent (done when the cache is
+        opened, and in a forked child on its first miss)."""
         self._ensure_candidate()
         return self
 
