@@ -101,7 +101,8 @@ class Cache(MutableMapping[Any, T], Generic[T]):
         if near:
             from shmreg.backends.redis.near import near_table
 
-            self.table = near_table(self.table, near)
+            # (It has every Table method the cache uses; the rest falls through.)
+            self.table = near_table(self.table, near)  # type: ignore[assignment]
         self._clock = clock
         self._flights: Table | None = None
         # Hits and misses are the table's per-process read counters (exact

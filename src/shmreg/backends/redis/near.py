@@ -78,8 +78,8 @@ class NearTable:
 
         self._t = table
         self.near_name, self.ctl_name = near_names(table.name, table.url)
-        sizes = {k: v for k, v in (("capacity", capacity), ("memory", memory)) if v is not None}
-        self.near = Table(self.near_name, mode=table.mode, trust=table.trust, **sizes)
+        self.near = Table(self.near_name, capacity=capacity, memory=memory, mode=table.mode,
+                          trust=table.trust)
         self.ctl = Table(self.ctl_name, mode=table.mode, trust=table.trust)
         self._cget = self.ctl.get
         self.get = _hot_get(self.near.get, self._miss)   # type: ignore[method-assign]
@@ -309,11 +309,11 @@ class NearTable:
 def _hot_get(nget: Any, miss: Any) -> Any:
     # The hit path as a closure over the near table's C ``get`` (no
     # attribute lookups, no Python counter: the C table counts the hits).
-    def get(key: Any, default: Any = None, _missing: Any = MISSING, _bytes: type = bytes,
+    def get(key: Any, default: Any = None, _missing: Any = MISSING, _bytes: Any = bytes,
             _magic: bytes = MAGIC) -> Any:
         """The value of ``key``: from the near table if it holds it, else from
         the server (filling the near table when the agent is ready)."""
-        v = nget(key, _missing)
+        v: Any = nget(key, _missing)
         if v is not _missing and (v.__class__ is not _bytes or not v.startswith(_magic)):
             return v
         return miss(key, default, v)

@@ -13,8 +13,8 @@ The agent's loop (each step is why the near cache may serve):
    served from it or filled into it).
 2. Open a RESP3 connection to the master of the table's hash slot and turn
    on ``CLIENT TRACKING ON BCAST PREFIX {shmreg:NAME}:k:``.
-3. One heartbeat round trip on that connection: ``SET`` of a heartbeat key
-   under the prefix, whose reply *and* invalidation must both arrive within
+3. One heartbeat round trip on that connection: ``SET`` of this agent's
+   heartbeat key (tracked too), whose reply *and* invalidation must both arrive within
    :data:`HEARTBEAT_TIMEOUT` (proves invalidations flow from the node that
    owns the slot).
 4. Empty the near table again (placeholders inserted before tracking was on
@@ -60,7 +60,9 @@ class Agent:
         self.ctl = nt.ctl
         self.table = nt._t
         self.prefix = self.table._kp                        # b"{shmreg:NAME}:k:"
-        self.hb_key = self.prefix + f"~near-hb:{leases.host_id()}:{os.getpid()}".encode()
+        # Outside the entries' prefix, tracked by a prefix of its own: no
+        # host receives another host's heartbeats.
+        self.hb_key = self.table._pb + f":nhb:{leases.host_id()}:{os.getpid()}".encode()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._moved_to: tuple[str, int] | None = None
@@ -196,7 +198,8 @@ class Agent:
     def _track(self, owner: int) -> None:
         conn = self.conn
         assert conn is not None
-        self._request("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", self.prefix)
+        self._request("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", self.prefix,
+                      "PREFIX", self.hb_key)
         self._hb_seq = 0
         self._heartbeat_roundtrip()
         self._moved_to = None
@@ -260,7 +263,7 @@ class Agent:
                 continue
             try:
                 key = codec.decode_key_suffix(ek[plen:])
-            except Exception:  # noqa: BLE001 - another host's heartbeat key, not an entry
+            except Exception:  # noqa: BLE001 - not an entry's key: nothing to evict
                 continue
             delete(key)
             n += 1
