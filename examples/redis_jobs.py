@@ -35,13 +35,16 @@ def worker(url: str, n: int) -> None:
     cache = shmreg.Cache("example-config", url=url, ttl=60)
     reg.register(f"worker:{n}", {"pid": os.getpid()})
     config = cache.get_or_set("config", load_config)
+    while n != 0 and "first-claimed" not in jobs:
+        time.sleep(0.02)                 # worker 0 goes first (the story needs it)
     while jobs.update_counter("done", 0) < JOBS:
         for job in range(JOBS):
             if f"result:{job}" in jobs or not jobs.insert_new(f"claim:{job}", n, owned=True):
                 continue
+            if n == 0:
+                jobs["first-claimed"] = job
+                time.sleep(600)          # worker 0 hangs holding its claim: it gets SIGKILLed
             time.sleep(0.05)             # the work
-            if n == 0 and job >= 2:
-                time.sleep(600)          # worker 0 hangs here: it gets SIGKILLed
             if jobs.insert_new(f"result:{job}", f"by worker {n} (config from {config['loaded_by']})"):
                 jobs.update_counter("done")
             jobs.delete(f"claim:{job}")
@@ -68,8 +71,7 @@ def main(url: str) -> None:
             time.sleep(0.05)
         victim = reg.whereis("worker:0")
         jobs = shmreg.Table("example-jobs", url=url)
-        while not any(k.startswith("claim:") and v == 0 for k, v in jobs.items()
-                      if isinstance(k, str)) or jobs.get("done", 0) < 2:
+        while "first-claimed" not in jobs:
             time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
         for p in procs[1:]:

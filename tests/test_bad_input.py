@@ -420,19 +420,19 @@ class Clock:
     def __call__(self):
         return self.now
 
-path = shmreg.Table.open(name).path
+with shmreg.Table.open(name) as t0:
+    path, regions = t0.path, t0._shard_regions()
 with open(path, "r+b") as f:
     mm = mmap.mmap(f.fileno(), 0)
-    h = struct.unpack_from(header_fmt, mm, 0)
-    slots, arena, index_off, arena_off = h[6], h[8], h[15], h[16]
     target = None
-    for i in range(slots):
-        off = struct.unpack_from("<Q", mm, index_off + 8 * i)[0] & 0xFFFFFFFFFFFF
-        if off > 1:
-            item = arena_off + off - 8
-            klen, vlen = struct.unpack_from("<H", mm, item + 4)[0], struct.unpack_from("<I", mm, item + 8)[0]
-            if mm[item + 24 + vlen: item + 24 + vlen + klen] == key.encode():
-                target = item
+    for index, slots, arena, _cap in regions:
+        for i in range(slots):
+            off = struct.unpack_from("<Q", mm, index + 8 * i)[0] & 0xFFFFFFFF
+            if off > 1:
+                item = arena + off - 8
+                klen, vlen = struct.unpack_from("<H", mm, item + 4)[0], struct.unpack_from("<I", mm, item + 8)[0]
+                if mm[item + 24 + vlen: item + 24 + vlen + klen] == key.encode():
+                    target = item
     assert target is not None
     struct.pack_into(fmt, mm, target + field_off, value)
     mm.close()
@@ -518,7 +518,8 @@ LOCK_BYTES = shmreg._core.LAYOUT["shard.lock"][1]   # the pthread mutex: not our
 TOP_OFF = shmreg._core.LAYOUT["shard.top"][0]
 ALLOWED = (shmreg.Error, KeyError, ValueError, TypeError)
 
-path = shmreg.Table.open(name).path
+with shmreg.Table.open(name) as t0:
+    path, regions = t0.path, t0._shard_regions()
 fd = os.open(path, os.O_RDWR)
 mm = mmap.mmap(fd, 0)
 (magic, layout, hsize, total, nsh, bits, slots, max_fill, arena, cap, mem, s0, s1,
@@ -529,9 +530,9 @@ pristine = bytes(mm)
 def shard_top(si):
     return struct.unpack_from("<Q", pristine, shards_off + si * SHARD_SIZE + TOP_OFF)[0]
 
-used_slots = [index_off + 8 * i for i in range(nsh * slots)
-              if struct.unpack_from("<Q", pristine, index_off + 8 * i)[0] > 1]
-used_arena = [(arena_off + si * arena, arena_off + si * arena + shard_top(si)) for si in range(nsh)]
+used_slots = [index + 8 * i for index, n, _, _ in regions for i in range(n)
+              if struct.unpack_from("<Q", pristine, index + 8 * i)[0] & 0xFFFFFFFF > 1]
+used_arena = [(regions[si][2], regions[si][2] + shard_top(si)) for si in range(nsh)]
 used_arena = [r for r in used_arena if r[1] > r[0]]
 assert used_slots and used_arena
 

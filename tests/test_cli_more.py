@@ -202,7 +202,7 @@ def test_ls_text_json_prometheus_in_a_private_dir(tmp_path, monkeypatch):
         assert set(rows) == {"ls-a", "ls-b", "junk"}
         assert rows["ls-a"]["entries"] == 25 and rows["ls-a"]["load_factor"] == 0.25
         assert rows["ls-a"]["owner_processes"] == 0 and rows["ls-a"]["watcher_pid"] is None
-        assert rows["ls-a"]["segment_bytes"] == os.path.getsize(tmp_path / "shmreg.ls-a")
+        assert rows["ls-a"]["segment_bytes"] == os.stat(tmp_path / "shmreg.ls-a").st_blocks * 512
         assert rows["ls-b"]["owner_pids"] == [os.getpid()]
         assert rows["ls-b"]["watcher_pid"] == os.getpid() and rows["ls-b"]["watcher_active"]
         assert "error" in rows["junk"] and "entries" not in rows["junk"]

@@ -59,6 +59,9 @@ def do_op(t, op):
     if kind == "clear":
         t.clear()
         return None
+    if kind == "compact":
+        t.compact(force=True)
+        return None
     raise AssertionError(op)
 
 
@@ -86,6 +89,8 @@ def apply_op(model: dict, op, result="<unchecked>") -> None:
             model[op[1]] = op[2]
     elif kind == "clear":
         model.clear()
+    elif kind == "compact":
+        pass    # moves entries, changes none
     else:
         raise AssertionError(op)
 
@@ -202,6 +207,22 @@ def _scenario(kind):
             ops.append(("set", f"r{i}", b"r%d" % i * 5))
             if i >= 40:
                 ops.append(("del", f"r{i - 40}"))
+    elif kind == "grow":
+        # A table that starts small: inserts grow its indexes and arenas.
+        opts = dict(capacity=4000, memory=1 << 20, shards=2, grow=True)
+        for i in range(20):
+            base[f"g{i}"] = b"g" * (i * 13)
+        for i in range(700):
+            ops.append(("set", f"n{i}", bytes([i % 251]) * (1 + (i * 37) % 700)))
+            if i % 7 == 3:
+                ops.append(("incr", f"c{i % 5}", i))
+    elif kind == "compact":
+        # Mass deletes, then compaction moves the survivors down.
+        opts = dict(capacity=4000, memory=1 << 20, shards=1, grow=True)
+        for i in range(600):
+            base[f"k{i}"] = bytes([i % 251]) * (50 + i % 300)
+        ops = [("del", f"k{i}") for i in range(600) if i % 6]
+        ops += [("compact",), ("set", "after", b"a" * 100), ("compact",), ("set", "after2", 2)]
     elif kind == "clear":
         opts = dict(capacity=1000, memory=4 << 20)
         for i in range(200):
@@ -220,7 +241,10 @@ CRASH_CASES = (
     + [("counter:stored", n, "mixed") for n in (1, 3)]
     + [("alloc:split", n, "split") for n in (1, 2)]
     + [("coalesce:merged", n, "coalesce") for n in (1, 2)]
-    + [(p, n, "rebuild") for p in ("rebuild:cleared", "rebuild:half") for n in (1, 2)]
+    + [(p, n, "rebuild") for p in ("resize:half", "resize:published") for n in (1, 2)]
+    + [(p, n, "grow") for p in ("resize:half", "resize:published") for n in (1, 2)]   # each shard grows once
+    + [("arena:allocated", n, "grow") for n in (1, 4)]
+    + [(p, n, "compact") for p in ("compact:copied", "compact:moved") for n in (1, 40)]
     + [("clear:half", n, "clear") for n in (1, 5)]
 )
 
@@ -247,7 +271,7 @@ def _add_child_writes(model, tag):
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("point, n, kind", CRASH_CASES,
-                         ids=[f"{p}:{n}" for p, n, _ in CRASH_CASES])
+                         ids=[f"{k}-{p}:{n}" for p, n, k in CRASH_CASES])
 def test_crash_point(table_name, tmp_path, point, n, kind):
     opts, base, ops = _scenario(kind)
     t = shmreg.Table.create(table_name, **opts)
@@ -283,6 +307,8 @@ def test_crash_point(table_name, tmp_path, point, n, kind):
         assert inflight[0] == "incr"
     elif point == "clear:half":
         assert inflight[0] == "clear"
+    elif point.startswith("compact:"):
+        assert inflight[0] == "compact"
     else:
         assert inflight[0] in ("set", "new", "incr")
 

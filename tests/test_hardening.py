@@ -285,16 +285,16 @@ def test_stopped_lock_holder_is_never_robbed_by_repair(table_name):
 # --------------------------------------------------------------------------
 
 def _item_offsets(t: shmreg.Table):
-    """{key: absolute offset of its item} by walking the index (shards=1)."""
-    plan = _core.plan_layout(t.capacity, t.memory, t.nshards)
+    """Absolute offsets of the items, by walking each shard's live index."""
     out = []
     with open(t.path, "rb") as f:
         data = f.read()
-    for i in range(plan["slots"]):
-        (slot,) = struct.unpack_from("<Q", data, plan["index_off"] + 8 * i)
-        off = slot & 0xFFFFFFFFFFFF
-        if off > 1:
-            out.append(plan["arena_off"] + off - 8)
+    for index, slots, arena, _cap in t._shard_regions():
+        for i in range(slots):
+            (slot,) = struct.unpack_from("<Q", data, index + 8 * i)
+            off = slot & 0xFFFFFFFF
+            if off > 1:
+                out.append(arena + off - 8)
     return out
 
 

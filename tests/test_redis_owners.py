@@ -210,7 +210,7 @@ def test_fencing_after_sigstop_longer_than_the_lease(server, hosts):
     name = unique_name("fence")
     code = """
         import sys, shmreg
-        t = shmreg.Table(sys.argv[1], url=sys.argv[2], lease_ttl=1.0)
+        t = shmreg.Table(sys.argv[1], url=sys.argv[2], lease_ttl=2.0)
         t.set("mine", "before", owned=True)
         print("ok", flush=True)
         sys.stdin.readline()
@@ -249,7 +249,7 @@ def test_fencing_after_sigstop_longer_than_the_lease(server, hosts):
 # -- outages -----------------------------------------------------------------------------
 
 def test_client_kill_of_every_connection_is_survived(server):
-    t = shmreg.Table(unique_name("ck"), url=server.url, lease_ttl=2)
+    t = shmreg.Table(unique_name("ck"), url=server.url, lease_ttl=3)
     try:
         t.set("owned", 1, owned=True)
         t["n"] = 0
@@ -261,7 +261,7 @@ def test_client_kill_of_every_connection_is_survived(server):
             assert t.update_counter("n") >= 1        # the pool reconnects
         for a in admins:
             a.close()
-        time.sleep(2.5)      # longer than the lease: the heartbeat reconnected too
+        time.sleep(3.5)      # longer than the lease: the heartbeat reconnected too
         assert t["owned"] == 1 and t["n"] == 3
     finally:
         t.unlink()

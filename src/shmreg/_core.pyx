@@ -39,6 +39,7 @@ import pickle
 from shmreg.errors import (
     CorruptTableError,
     IncompatibleTableError,
+    NoSpaceError,
     TableFullError,
     ValueTooLargeError,
 )
@@ -50,6 +51,7 @@ cdef extern from "sys/mman.h" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
     int PROT_READ, PROT_WRITE, MAP_SHARED
+    int MAP_NORESERVE
     void *MAP_FAILED
 
 cdef extern from "<sched.h>" nogil:
@@ -112,9 +114,15 @@ _pickle_loads = pickle.loads
 
 # ---- geometry and creation ---------------------------------------------------
 
-def plan_layout(uint64_t capacity, uint64_t memory, shards=None):
-    """Compute the layout for a table of ``capacity`` entries and ``memory``
-    item bytes.  Returns a dict of the header's geometry fields.
+def plan_layout(uint64_t capacity, uint64_t memory, shards=None, bint grows=False):
+    """Compute the layout for a table of at most ``capacity`` entries and
+    ``memory`` item bytes.  Returns a dict of the header's geometry fields.
+
+    ``grows``: shards start with a page of index and a page of arena and
+    grow to the limit; otherwise all of it is allocated at creation.
+    ``total_size`` is the address space reserved (the file's size, sparse
+    for a table that grows); ``extents`` the ``(offset, length)`` ranges to
+    allocate before the segment is initialised.
 
     Shard count: 64 by default, halved while a shard would get under 256 KiB of
     memory or under 32 entries, so small tables stay small and a 64 KiB value
@@ -129,18 +137,26 @@ def plan_layout(uint64_t capacity, uint64_t memory, shards=None):
         if not (1 <= shards <= 1024):
             raise ValueError("shards must be a power of two between 1 and 1024")
         n = shards
-    if shm_plan(capacity, memory, n, &p, &why) != 0:
+    cdef uint64_t off = 0, length = 0
+    cdef uint32_t i = 0
+    if shm_plan(capacity, memory, n, grows, &p, &why) != 0:
         raise ValueError(why.decode())
+    extents = []
+    while shm_plan_extent(&p, i, &off, &length):
+        extents.append((off, length))
+        i += 1
     return dict(nshards=p.nshards, shard_bits=p.shard_bits, slots=p.slots, max_fill=p.max_fill,
-                arena_size=p.arena_size, capacity=p.capacity, memory=p.memory,
+                arena_size=p.arena_size, capacity=p.capacity, memory=p.memory, grows=bool(p.grows),
+                init_slots=p.init_slots, init_arena=p.init_arena, index_buf=p.index_buf,
                 procs_off=p.procs_off, shards_off=p.shards_off, index_off=p.index_off,
-                arena_off=p.arena_off, total_size=p.total_size)
+                arena_off=p.arena_off, total_size=p.total_size, extents=extents)
 
 
 def init_segment(int fd, dict plan, uint64_t seed0, uint64_t seed1,
                  uint64_t creator_pid, uint64_t creator_start, uint64_t created_unix_ns,
                  bint clock=False):
-    """Write a fresh layout into the (zero-filled, fully allocated) file ``fd``.
+    """Write a fresh layout into the zero-filled file ``fd`` (its size the
+    plan's ``total_size``, its ``extents`` allocated).
 
     The magic is stored last, with release ordering: an opener that sees the
     magic sees a complete header and initialised mutexes.
@@ -148,12 +164,12 @@ def init_segment(int fd, dict plan, uint64_t seed0, uint64_t seed1,
     cdef shm_plan_t p
     cdef const char *why = NULL
     cdef int rc
-    if shm_plan(plan["capacity"], plan["memory"], plan["nshards"], &p, &why) != 0:
+    if shm_plan(plan["capacity"], plan["memory"], plan["nshards"], plan["grows"], &p, &why) != 0:
         raise ValueError(why.decode())
     if p.total_size != plan["total_size"]:
         raise ValueError("plan does not match its capacity and memory")
     cdef size_t size = p.total_size
-    cdef char *base = <char *>mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    cdef char *base = <char *>mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
     if base == <char *>MAP_FAILED:
         raise OSError(errno, os.strerror(errno))
     try:
@@ -162,6 +178,18 @@ def init_segment(int fd, dict plan, uint64_t seed0, uint64_t seed1,
             raise OSError(rc, "pthread_mutex_init: " + os.strerror(rc))
     finally:
         munmap(base, size)
+
+
+cdef object nospace_error(shm_view_t *v, uint32_t si):
+    """The table is below its limit, but the filesystem holding it is full."""
+    import errno as _errno
+    from shmreg._segment import segment_dir
+    sh = shm_shard(v, si)
+    return NoSpaceError(
+        _errno.ENOSPC,
+        f"no room to grow the table: the filesystem holding it ({segment_dir()}) is full "
+        f"(shard {si}: {sh.count} entries, {sh.arena_cap} bytes of items allocated); free "
+        "space there, delete entries and compact(), or enlarge it (docker: --shm-size)")
 
 
 include "_codec.pxi"
@@ -239,7 +267,9 @@ cdef class CoreTable:
             if fsize < <size_t>SHM_HEADER_SIZE:
                 raise IncompatibleTableError(
                     f"not a shmreg table (file is {fsize} bytes, smaller than a header)")
-            base = <char *>mmap(NULL, fsize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+            # Address space for the table at its limit, reserved once: growing
+            # never remaps (MAP_NORESERVE: only what is allocated counts).
+            base = <char *>mmap(NULL, fsize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
             if base == <char *>MAP_FAILED:
                 raise OSError(errno, os.strerror(errno))
             m = _Mapping()
@@ -249,6 +279,7 @@ cdef class CoreTable:
                 munmap(base, fsize)
                 raise exc
             m.fd = os.dup(fd)
+            m.view.fd = m.fd
             m.key = key
             _mappings[key] = m
         m.handles += 1
@@ -357,7 +388,7 @@ cdef class CoreTable:
         return self.raise_lock(st, -1)
 
     cdef object raise_status(self, int st, uint32_t si, KeyRef *k, ValRef *v):
-        if st == SHM_FULL or st == SHM_TOOBIG:
+        if (st == SHM_FULL or st == SHM_TOOBIG) and k != NULL and v != NULL:
             if st == SHM_TOOBIG or shm_item_need(k.k.n, v.v.n) > self.v.arena_size:
                 raise ValueTooLargeError(
                     f"item of {shm_item_need(k.k.n, v.v.n)} bytes can never fit: a shard holds "
@@ -365,10 +396,16 @@ cdef class CoreTable:
             raise TableFullError(
                 f"table is full (shard {si}: {shm_shard(self.v, si).count} entries, "
                 f"{shm_shard(self.v, si).used} of {self.v.arena_size} bytes used)")
+        if st == SHM_FULL:
+            raise TableFullError(f"table is full (shard {si})")
+        if st == SHM_NOSPACE:
+            raise nospace_error(self.v, si)
         if st == SHM_CORRUPT:
             raise CorruptTableError(f"shard {si}: index or arena is corrupt (run check())")
         if st == SHM_NOMEM:
             raise MemoryError()
+        if st == SHM_SYSERR:
+            raise OSError(errno, os.strerror(errno))
         raise AssertionError(f"unexpected status {st}")
 
     # -- writes ----------------------------------------------------------------
@@ -1141,8 +1178,10 @@ cdef class CoreTable:
         try:
             h = self.v.hdr
             return dict(layout=h.layout, clock_bits=bool(h.table_flags & SHM_TABLE_CLOCK),
+                        grows=bool(h.table_flags & SHM_TABLE_GROWS),
                         total_size=h.total_size, nshards=h.nshards,
                         slots_per_shard=h.slots, max_fill=h.max_fill, arena_size=h.arena_size,
+                        init_slots=h.init_slots, init_arena=h.init_arena, index_buf=h.index_buf,
                         capacity=h.capacity, memory=h.memory, nprocs=h.nprocs,
                         creator_pid=h.creator_pid, created_unix_ns=h.created_unix_ns)
         finally:
@@ -1156,7 +1195,8 @@ cdef class CoreTable:
         try:
             tot = dict(count=0, tombstones=0, with_ttl=0, owned=0, bytes_used=0, arena_top=0,
                        sets=0, deletes=0, repairs=0, index_rebuilds=0, coalesces=0, full=0,
-                       evictions=0, expirations=0, max_shard_count=0, sampled_hits=0, sampled_misses=0)
+                       evictions=0, expirations=0, max_shard_count=0, sampled_hits=0, sampled_misses=0,
+                       index_slots=0, arena_allocated=0, grows=0, shrinks=0, moves=0, nospace=0)
             for si in range(self.v.nsh):
                 sh = shm_shard(self.v, si)
                 tot["count"] += sh.count
@@ -1176,7 +1216,51 @@ cdef class CoreTable:
                 tot["sampled_hits"] += sh.sampled_hits
                 tot["sampled_misses"] += sh.sampled_misses
                 tot["max_shard_count"] = max(tot["max_shard_count"], sh.count)
+                tot["index_slots"] += shm_ix(self.v, si).slots
+                tot["arena_allocated"] += sh.arena_cap
+                tot["grows"] += sh.n_grows
+                tot["shrinks"] += sh.n_shrinks
+                tot["moves"] += sh.n_moves
+                tot["nospace"] += sh.n_nospace
             return tot
+        finally:
+            self.leave()
+
+    def _shard_regions(self):
+        """Where each shard lies in the segment, as byte offsets: a list of
+        ``(live index, its slots, arena, arena bytes allocated)`` (tests,
+        tools; racy while writers run)."""
+        cdef uint32_t si
+        cdef shm_ix_t g
+        self.enter()
+        try:
+            out = []
+            for si in range(self.v.nsh):
+                g = shm_ix(self.v, si)
+                out.append((<char *>g.ix - self.v.base, g.slots, shm_arena(self.v, si) - self.v.base,
+                            shm_shard(self.v, si).arena_cap))
+            return out
+        finally:
+            self.leave()
+
+    def _compact(self, bint force):
+        """Shrink mostly empty indexes and move items down into free blocks,
+        then give the freed pages back, shard by shard under its lock.
+        ``force``: every shard, not only the mostly empty ones.  Returns
+        the bytes given back."""
+        cdef uint32_t si
+        cdef uint64_t released = 0, total = 0
+        cdef int st
+        self.enter()
+        try:
+            for si in range(self.v.nsh):
+                self.lock_shard(si)
+                st = shm_compact_shard(self.v, si, force, &released)
+                shm_shard_unlock(self.v, si)
+                if st < 0:
+                    self.raise_status(st, si, NULL, NULL)
+                total += released
+            return total
         finally:
             self.leave()
 

@@ -10,7 +10,7 @@ cdef extern from "pthread.h" nogil:
 cdef extern from "engine/shm_layout.h" nogil:
     uint64_t SHM_MAGIC
     int SHM_LAYOUT_VERSION, SHM_HEADER_SIZE, SHM_NPROCS, SHM_NBINS, SHM_MAX_KEY
-    int SHM_ITEM_HDR, SHM_BLOCK_MIN, SHM_TABLE_CLOCK
+    int SHM_ITEM_HDR, SHM_BLOCK_MIN, SHM_TABLE_CLOCK, SHM_TABLE_GROWS, SHM_PAGE
     uint64_t SHM_SLOT_TAGMASK, SHM_SLOT_CLOCK
     int SHM_PROC_LIVE, SHM_PROC_SELF
     int SHM_KT_BYTES, SHM_KT_STR, SHM_KT_INT, SHM_KT_BIGINT
@@ -27,6 +27,8 @@ cdef extern from "engine/shm_layout.h" nogil:
         uint32_t nprocs
         uint64_t creator_pid, created_unix_ns
         uint64_t lease_pid, lease_gen, table_flags
+        uint64_t index_buf, init_arena
+        uint32_t init_slots
         shm_lock_t procs_lock, lease_lock
 
     ctypedef struct shm_proc_t:
@@ -40,6 +42,7 @@ cdef extern from "engine/shm_layout.h" nogil:
         uint32_t count, tombs, nttl, nowned
         uint64_t n_sets, n_dels, n_repairs, n_rebuilds, n_coalesces, n_full
         uint64_t n_evictions, n_expired, sampled_hits, sampled_misses
+        uint64_t geom, arena_cap, n_grows, n_shrinks, n_moves, n_nospace
 
     ctypedef struct shm_item_t:
         uint32_t size, vlen, owner
@@ -78,7 +81,8 @@ cdef extern from "engine/shm_engine.h" nogil:
     int SHM_DEBUG_BUILD
     enum:
         SHM_OK, SHM_NO, SHM_FULL, SHM_CORRUPT, SHM_NOMEM, SHM_NOTINT, SHM_OVERFLOW,
-        SHM_NOMATCH, SHM_BUSY, SHM_ABANDONED, SHM_BADLOCK, SHM_TIMEOUT, SHM_TOOBIG, SHM_SYSERR
+        SHM_NOMATCH, SHM_BUSY, SHM_ABANDONED, SHM_BADLOCK, SHM_TIMEOUT, SHM_TOOBIG, SHM_SYSERR,
+        SHM_NOSPACE
     int SHM_ATTACH_OK, SHM_ATTACH_SMALL, SHM_ATTACH_UNINIT, SHM_ATTACH_MAGIC, SHM_ATTACH_VERSION, SHM_ATTACH_BUILD
     const char *shm_attach_message(int err)
 
@@ -102,18 +106,21 @@ cdef extern from "engine/shm_engine.h" nogil:
     void shm_recbuf_free(shm_recbuf_t *b)
 
     ctypedef struct shm_plan_t:
-        uint32_t nshards, shard_bits, slots, max_fill
-        uint64_t arena_size, capacity, memory
+        uint32_t nshards, shard_bits, slots, max_fill, init_slots, grows
+        uint64_t arena_size, capacity, memory, index_buf, init_arena
         uint64_t procs_off, shards_off, index_off, arena_off, total_size
-    int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, shm_plan_t *out, const char **why)
+    int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, int grows, shm_plan_t *out,
+                 const char **why)
+    int shm_plan_extent(const shm_plan_t *p, uint32_t i, uint64_t *off, uint64_t *len)
 
     ctypedef struct shm_view_t:
         char *base
         size_t size
         shm_header_t *hdr
-        uint32_t nsh, slots
-        uint64_t arena_size
+        uint32_t nsh, max_slots, init_slots
+        uint64_t arena_size, init_arena, index_buf
         int mark_clock
+        int fd
         int *pidfds
         uint32_t *pidfd_gen
         long last_evicted
@@ -123,7 +130,10 @@ cdef extern from "engine/shm_engine.h" nogil:
                          int clock_bits)
     int shm_attach(shm_view_t *v, char *base, size_t size)
     shm_shard_t *shm_shard(const shm_view_t *v, uint32_t i)
-    uint64_t *shm_index(const shm_view_t *v, uint32_t i)
+    ctypedef struct shm_ix_t:
+        uint64_t *ix
+        uint32_t slots, max_fill
+    shm_ix_t shm_ix(const shm_view_t *v, uint32_t si)
     char *shm_arena(const shm_view_t *v, uint32_t i)
     shm_proc_t *shm_proc(const shm_view_t *v, uint32_t i)
     uint32_t shm_shard_of(const shm_view_t *v, uint64_t h)
@@ -173,3 +183,5 @@ cdef extern from "engine/shm_engine.h" nogil:
     const char *shm_check_message(int code)
 
     int shm_layout_field(int i, const char **name, size_t *off, size_t *size)
+
+    int shm_compact_shard(shm_view_t *v, uint32_t si, int force, uint64_t *released)

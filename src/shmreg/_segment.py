@@ -77,23 +77,28 @@ def path_of(name: str) -> str:
     return os.path.join(segment_dir(), PREFIX + check_name(name))
 
 
-def _reserve(fd: int, size: int, name: str) -> None:
-    """Allocate every page now, so a full filesystem fails here, not as a
-    SIGBUS on some later write."""
+def _reserve(fd: int, plan: dict, name: str) -> None:
+    """Size the file for the table at its limit (sparse: only address space)
+    and allocate what it uses from the start, so a full filesystem fails
+    here, not as a SIGBUS on some later write.  Growth allocates the rest
+    piece by piece, each before it is used."""
+    size = plan["total_size"]
     try:
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
-        else:  # macOS: no fallocate; write the zeros ourselves
-            os.ftruncate(fd, size)
-            chunk = b"\0" * (1 << 20)
-            off = 0
-            while off < size:
-                off += os.pwrite(fd, chunk[: min(len(chunk), size - off)], off)
+        os.ftruncate(fd, size)
+        for off, length in plan["extents"]:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, off, length)
+            else:  # macOS: no fallocate; write the zeros ourselves
+                chunk = b"\0" * (1 << 20)
+                end = off + length
+                while off < end:
+                    off += os.pwrite(fd, chunk[: min(len(chunk), end - off)], off)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            need = sum(length for _, length in plan["extents"])
             raise NoSpaceError(
                 e.errno,
-                f"no room for table {name!r}: it needs {size / 2**20:.1f} MiB in "
+                f"no room for table {name!r}: it needs {need / 2**20:.1f} MiB in "
                 f"{segment_dir()} ({os.strerror(e.errno)}); free space there, give "
                 "the table less capacity/memory, or enlarge /dev/shm "
                 "(docker: --shm-size)") from None
@@ -152,7 +157,7 @@ def create(name: str, plan: dict, mode: int, clock_bits: bool = False) -> None:
                  | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
         os.fchmod(fd, mode)  # umask must not widen or narrow what was asked
-        _reserve(fd, plan["total_size"], name)
+        _reserve(fd, plan, name)
         seed = secrets.randbits(128)
         _core.init_segment(fd, plan, seed & (2**64 - 1), seed >> 64, os.getpid(),
                            start_time(os.getpid()) or 0, time.time_ns(), clock_bits)

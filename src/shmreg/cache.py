@@ -61,6 +61,10 @@ class Cache(MutableMapping[Any, T], Generic[T]):
         ``0``, negatives and ``nan`` raise ``ValueError``.
     :param capacity: entries the table is sized for (when it creates it).
     :param memory: bytes for keys and values (when it creates it).
+    :param grow: start small and grow to the limits (as for
+        :class:`~shmreg.Table`: the default when neither ``capacity`` nor
+        ``memory`` is given).  A cache evicts only at its limit (or when the
+        filesystem holding it is full).
     :param mode: file mode when it creates its tables, the sharing accepted
         when it opens them (default ``0o600``); see :class:`~shmreg.Table`.
     :param trust: other users and groups whose tables it accepts
@@ -91,13 +95,14 @@ class Cache(MutableMapping[Any, T], Generic[T]):
     """
 
     def __init__(self, name: str, *, ttl: float | None = 300.0, capacity: int | None = None,
-                 memory: int | None = None, mode: int = 0o600, trust: Trust | None = None,
-                 clock: Callable[[], float] | None = None, url: str | None = None,
-                 lease_ttl: float | None = None, near: bool | dict = False) -> None:
+                 memory: int | None = None, grow: bool | None = None, mode: int = 0o600,
+                 trust: Trust | None = None, clock: Callable[[], float] | None = None,
+                 url: str | None = None, lease_ttl: float | None = None,
+                 near: bool | dict = False) -> None:
         self.default_ttl = self._check_ttl(ttl)
         self._backend = backend_options(url, lease_ttl)
-        self.table = Table(name, capacity=capacity, memory=memory, mode=mode, trust=trust,
-                           clock=clock, _clock_bits=True, **self._backend)
+        self.table = Table(name, capacity=capacity, memory=memory, grow=grow, mode=mode,
+                           trust=trust, clock=clock, _clock_bits=True, **self._backend)
         if near:
             from shmreg.backends.redis.near import near_table
 

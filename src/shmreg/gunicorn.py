@@ -94,7 +94,7 @@ from shmreg.cache import Cache
 from shmreg.errors import (AlreadyRegisteredError, ConfigMismatchError, ConfigMismatchWarning,
                            Error, TableNotFoundError)
 from shmreg.registry import Registry
-from shmreg.table import DEFAULT_CAPACITY, Table, default_memory
+from shmreg.table import DEFAULT_CAPACITY, Table, default_limits, default_memory
 from shmreg.trust import Trust
 
 # Exactly the names gunicorn looks up as settings: a star import installs them.
@@ -423,8 +423,15 @@ def _managed_names() -> list:
 
 
 def _segment_size(capacity: int | None, memory: int | None, shards: int | None = None) -> int:
-    cap = DEFAULT_CAPACITY if capacity is None else capacity
-    return _core.plan_layout(cap, default_memory(cap) if memory is None else memory, shards)["total_size"]
+    """Bytes a managed table allocates when it is created (a table without
+    sizes starts small and grows; a pre-sized one allocates it all)."""
+    if capacity is None and memory is None:
+        cap, mem = default_limits()
+        plan = _core.plan_layout(cap, mem, shards, True)
+    else:
+        cap = DEFAULT_CAPACITY if capacity is None else capacity
+        plan = _core.plan_layout(cap, default_memory(cap) if memory is None else memory, shards)
+    return sum(length for _, length in plan["extents"])
 
 
 def _planned_sizes(s: Settings) -> dict:

@@ -19,8 +19,25 @@ from shmreg.trust import Trust, check_mode, check_trust
 
 __all__ = ["Table", "DEFAULT_CAPACITY", "default_memory", "unlink", "list_tables", "temporary"]
 
-#: Entries a table holds when ``capacity`` is not given.
+#: Entries a pre-sized table holds when only ``memory`` is given.
 DEFAULT_CAPACITY = 65_536
+
+#: The smallest memory limit of a table made without sizes.
+MIN_DEFAULT_MEMORY = 64 << 20
+
+
+def default_limits(directory: str | None = None) -> tuple[int, int]:
+    """``(capacity, memory)`` limits of a table made without sizes: half of
+    the filesystem holding the segments (at least 64 MiB, at most what 64
+    shards address), and one entry per 64 bytes of that.  The table starts
+    small and grows towards them; only what it uses is allocated."""
+    try:
+        st = os.statvfs(directory or _segment.segment_dir())
+        fs = st.f_blocks * st.f_frsize
+    except OSError:
+        fs = 0
+    memory = min(max(MIN_DEFAULT_MEMORY, fs // 2), 64 * 0xFFFFF000)
+    return memory // 64, memory
 
 
 def default_memory(capacity: int) -> int:
@@ -70,9 +87,15 @@ class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
 
     ``Table(name)`` opens the table, creating it if missing;
     :meth:`create` insists on a new one and :meth:`open` on an existing one.
-    Geometry (``capacity``, ``memory``, ``shards``) is fixed at creation;
-    opening an existing table keeps its geometry and warns
-    (:class:`ConfigMismatchWarning`) about options that differ from it.
+    ``Table(name)`` with no sizes starts small (well under a megabyte) and
+    grows as entries arrive, shard by shard, without blocking readers or
+    remapping, up to half the filesystem holding it; only what it uses is
+    allocated.  ``capacity``/``memory`` are limits: given, the table is
+    pre-sized to them (``grow=True``: it starts small and grows to them),
+    and never grows past them.  :meth:`compact` gives memory back after mass
+    deletes.  Limits are fixed at creation; opening an existing table keeps
+    them and warns (:class:`ConfigMismatchWarning`) about options that
+    differ.
 
     Keys are ``str``, ``bytes`` or ``int`` (the type is part of the key:
     ``1`` and ``"1"`` differ; a subclass counts as its base type, as in a
@@ -85,8 +108,16 @@ class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
     process; reads never take a lock; a traversal (``keys()``, ``items()``,
     ``select()``) is consistent shard by shard, not one snapshot.
 
-    :param capacity: entries the table is sized for (default 65,536).
-    :param memory: bytes for keys and values (default ``default_memory``).
+    :param capacity: most entries the table holds (default: a limit from the
+        filesystem's size, see :func:`default_limits`; with ``memory`` only:
+        65,536).  Beyond it, a write raises :class:`TableFullError` (a
+        ``Cache`` evicts).
+    :param memory: most bytes of keys and values (default: see
+        :func:`default_limits`; with ``capacity`` only: ``default_memory``).
+    :param grow: start small and grow to the limits (default: only when
+        neither ``capacity`` nor ``memory`` is given; else pre-sized).  A
+        full filesystem during growth raises :class:`NoSpaceError` and
+        leaves the table intact.
     :param shards: power of two, default chosen from capacity and memory.
     :param mode: file mode of the segment when this call creates it, and the
         sharing this call accepts when it opens one (default ``0o600``: this
@@ -123,7 +154,8 @@ class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
         return super().__new__(cls)
 
     def __init__(self, name: str, *, capacity: int | None = None, memory: int | None = None,
-                 shards: int | None = None, mode: int = 0o600, trust: Trust | None = None,
+                 shards: int | None = None, grow: bool | None = None, mode: int = 0o600,
+                 trust: Trust | None = None,
                  clock: Callable[[], float] | None = None, strict: bool = False,
                  _how: str = "auto", _clock_bits: bool = False) -> None:
         self.name = _segment.check_name(name)
@@ -152,9 +184,13 @@ class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
                         os.close(fd)
                     self.allow_pickle = unpickle
                     break
-            cap = DEFAULT_CAPACITY if capacity is None else capacity
-            mem = default_memory(cap) if memory is None else memory
-            plan = _core.plan_layout(cap, mem, shards)
+            if capacity is None and memory is None:
+                cap, mem = default_limits()
+            else:
+                cap = DEFAULT_CAPACITY if capacity is None else capacity
+                mem = default_memory(cap) if memory is None else memory
+            grows = (capacity is None and memory is None) if grow is None else bool(grow)
+            plan = _core.plan_layout(cap, mem, shards, grows)
             try:
                 _segment.create(name, plan, mode, _clock_bits)
             except TableExistsError:
@@ -218,15 +254,26 @@ class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
 
     @property
     def capacity(self) -> int:
-        """Entries the table was sized for at creation."""
+        """The most entries the table holds (its limit, fixed at creation)."""
         return self._header()["capacity"]
 
     @property
     def memory(self) -> int:
-        """Item bytes reserved at creation (spread evenly over the shards)."""
+        """The most bytes of keys and values the table holds (its limit, spread
+        evenly over the shards; fixed at creation)."""
         return self._header()["memory"]
 
     # -- introspection ---------------------------------------------------------
+
+    def compact(self, *, force: bool = False) -> int:
+        """Give memory back after deletes: shrink each index that is under a
+        quarter full, move the entries at the end of each arena that is at
+        least half free into the holes below, and return the freed pages to
+        the filesystem.  Shard by shard, each under its own lock; readers
+        never block.  ``force``: every shard, however full.  A watcher's
+        sweep compacts the mostly empty shards by itself.  Returns the bytes
+        given back."""
+        return self._compact(force)
 
     def stats(self) -> dict:
         """Geometry, usage and counters.
@@ -237,21 +284,41 @@ class Table(TableSurface, _core.CoreTable, metaclass=ABCMeta):
         its own hits (misses), so each process contributes up to 63 less than
         it did.  ``hits``, ``misses``, ``read_retries`` and
         ``lock_fallbacks`` are this process's, exact.
+
+        Memory: ``bytes_used`` is what live items take, ``arena_allocated``
+        the item memory allocated for them, ``bytes_allocated`` what the
+        segment holds in the filesystem (items, indexes, header),
+        ``bytes_reserved`` the address space reserved for the table at its
+        limits (the file's size, sparse).  ``growth_events`` /
+        ``shrink_events`` count index and arena steps up and down.
         """
         h = self._header()
         s = self._shard_stats()
         arena_total = h["arena_size"] * h["nshards"]
+        try:
+            allocated = os.stat(self.path).st_blocks * 512
+        except (OSError, AttributeError):
+            allocated = None
         return {
             "name": self.name,
             "entries": len(self),
             "capacity": h["capacity"],
             "memory": h["memory"],
-            "segment_bytes": h["total_size"],
+            "segment_bytes": h["total_size"] if allocated is None else allocated,
             "shards": h["nshards"],
-            "index_slots": h["slots_per_shard"] * h["nshards"],
+            "grows": h["grows"],
+            "index_slots": s["index_slots"],
+            "max_index_slots": h["slots_per_shard"] * h["nshards"],
             "bytes_used": s["bytes_used"],
             "bytes_free": arena_total - s["bytes_used"],
+            "bytes_allocated": allocated,
+            "bytes_reserved": h["total_size"],
+            "arena_allocated": s["arena_allocated"],
             "max_item_bytes": h["arena_size"],
+            "growth_events": s["grows"],
+            "shrink_events": s["shrinks"],
+            "compaction_moves": s["moves"],
+            "nospace_errors": s["nospace"],
             "tombstones": s["tombstones"],
             "with_ttl": s["with_ttl"],
             "owned": s["owned"],

@@ -122,7 +122,7 @@ class Watcher:
         reaped elsewhere, or exited after deleting its entries).
         Exceptions it raises are logged; the entries are reaped regardless.
     :param interval: seconds between sweeps (liveness check of every owner,
-        purge of expired entries).  Deaths are noticed between sweeps too,
+        purge of expired entries, compaction of mostly empty shards).  Deaths are noticed between sweeps too,
         as they happen.
     :param mode: with a name: the sharing accepted (see :meth:`Table.open`).
     :param trust: with a name: other users and groups whose table is
@@ -237,14 +237,17 @@ class Watcher:
     # -- work --------------------------------------------------------------------
 
     def sweep(self) -> int:
-        """Reap every dead owner and purge expired entries now; returns the
-        number of entries deleted."""
+        """Reap every dead owner, purge expired entries and compact the
+        shards that are mostly empty (:meth:`Table.compact`) now; returns
+        the number of entries deleted."""
         n = 0
         for p in self.table._proc_table():
             if not p["alive"]:
                 n += self._reap(p)
         n += self.table._reap(0, False)[0]   # leftovers of recycled slots
-        return n + self.table.purge_expired()
+        n += self.table.purge_expired()
+        self.table._compact(False)
+        return n
 
     def _reap(self, p: dict) -> int:
         owner = p["owner"]

@@ -31,11 +31,14 @@ typedef struct {
     uint32_t pidfd_gen[SHM_NPROCS];
 } th_table_t;
 
-/* A fresh table of the given geometry; 0 or -1 (plan refused). */
-static inline int th_open(th_table_t *t, uint64_t capacity, uint64_t memory, uint32_t shards, int clock_bits) {
+/* A fresh table of the given geometry (grows: starting small, growing to
+ * it); 0 or -1 (plan refused).  The whole reservation is process memory
+ * (the view has no file): growth allocates nothing, a punch zeroes. */
+static inline int th_open_grow(th_table_t *t, uint64_t capacity, uint64_t memory, uint32_t shards,
+                               int clock_bits, int grows) {
     const char *why;
     memset(t, 0, sizeof *t);
-    if (shm_plan(capacity, memory, shards, &t->plan, &why) != 0) return -1;
+    if (shm_plan(capacity, memory, shards, grows, &t->plan, &why) != 0) return -1;
     t->mem = (char *)calloc(1, t->plan.total_size);
     if (!t->mem) abort();
     if (shm_init_segment(t->mem, &t->plan, 0x1234567890abcdefULL, 0x0fedcba987654321ULL,
@@ -46,6 +49,10 @@ static inline int th_open(th_table_t *t, uint64_t capacity, uint64_t memory, uin
     t->v.pidfd_gen = t->pidfd_gen;
     if (shm_attach(&t->v, t->mem, t->plan.total_size) != SHM_ATTACH_OK) abort();
     return 0;
+}
+
+static inline int th_open(th_table_t *t, uint64_t capacity, uint64_t memory, uint32_t shards, int clock_bits) {
+    return th_open_grow(t, capacity, memory, shards, clock_bits, 0);
 }
 
 static inline void th_close(th_table_t *t) {

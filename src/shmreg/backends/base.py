@@ -59,6 +59,9 @@ class TableBackend(Protocol):
 
     def purge_expired(self) -> int: ...
 
+    def _compact(self, force: bool) -> int:
+        """Give memory back (the watcher's sweep calls it); bytes freed."""
+
     def clear(self) -> None: ...
 
     def close(self) -> None: ...

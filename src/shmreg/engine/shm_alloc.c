@@ -24,7 +24,7 @@ uint32_t shm_bin_of(uint64_t size) {
 
 static inline uint64_t *next_of(char *ar, uint64_t off) { return (uint64_t *)(ar + off + 8); }
 
-uint64_t shm_alloc_block(shm_view_t *v, uint32_t si, uint64_t need) {
+uint64_t shm_alloc_listed(shm_view_t *v, uint32_t si, uint64_t need, uint64_t below) {
     shm_shard_t *sh = shm_shard(v, si);
     char *ar = shm_arena(v, si);
     uint32_t b = shm_bin_of(need);
@@ -52,7 +52,7 @@ uint64_t shm_alloc_block(shm_view_t *v, uint32_t si, uint64_t need) {
                 break;
             }
             nxt = *next_of(ar, cur);
-            if (size >= need) {
+            if (size >= need && cur < below) {
                 uint64_t rest = size - need;
                 if (prev == SHM_NIL) sh->bins[bb] = nxt;
                 else *next_of(ar, prev) = nxt;
@@ -71,15 +71,24 @@ uint64_t shm_alloc_block(shm_view_t *v, uint32_t si, uint64_t need) {
                 sh->used += size;
                 return cur;
             }
-            if (bb > b) break;
+            if (bb > b && below == SHM_NIL) break;   /* (any block of a larger bin fits) */
             prev = cur;
             cur = nxt;
             steps++;
         }
     }
+    return SHM_NIL;
+}
+
+uint64_t shm_alloc_block(shm_view_t *v, uint32_t si, uint64_t need) {
+    shm_shard_t *sh = shm_shard(v, si);
+    char *ar = shm_arena(v, si);
+    uint64_t cur = shm_alloc_listed(v, si, need, SHM_NIL), cap = sh->arena_cap;
+    if (cur != SHM_NIL) return cur;
+    if (cap > v->arena_size) cap = v->arena_size;
     /* top is untrusted too: a misaligned one would carve a misaligned block. */
-    if (!(sh->top & 7) && sh->top <= v->arena_size && need <= v->arena_size - sh->top) {
-        uint64_t cur = sh->top;
+    if (!(sh->top & 7) && sh->top <= cap && need <= cap - sh->top) {
+        cur = sh->top;
         shm_store_rlx((uint64_t *)(ar + cur), shm_word0(need, 0, 0, SHM_BLOCK_USED));
         shm_fence_rel();
         sh->top = cur + need;

@@ -33,7 +33,10 @@
     X(22, NOWNED, "shard owned entries {a} != {b}") \
     X(23, OWNER, "item at {b} (slot {a}) names an owner slot that does not exist") \
     X(24, BINMAP, "free list {a} is non-empty but its binmap bit is clear") \
-    X(25, ITEM_FLAGS, "item at {b} (slot {a}) has unknown block flags")
+    X(25, ITEM_FLAGS, "item at {b} (slot {a}) has unknown block flags") \
+    X(26, GEOM, "index geometry {a} is out of range (at most {b} slots)") \
+    X(27, CAP, "arena allocation {a} is not a page multiple within the limit {b}") \
+    X(28, TOP_CAP, "top {a} beyond the allocated arena {b}")
 
 #define SHM_CHECK_ENUM(code, id, msg) SHM_CHK_##id = code,
 enum { SHM_CHECKS(SHM_CHECK_ENUM) SHM_CHK_END };
@@ -55,7 +58,8 @@ int shm_check_code_count(void) { return SHM_CHK_END - 1; }
 void shm_check_shard(const shm_view_t *v, uint32_t si, shm_check_t *e) {
     const shm_shard_t *sh = shm_shard(v, si);
     const char *ar = shm_arena(v, si);
-    const uint64_t *ix = shm_index(v, si);
+    const shm_ix_t g = shm_ix(v, si);
+    const uint64_t *ix = g.ix;
     uint64_t *blocks = NULL, used = 0;
     uint8_t *mark = NULL;   /* 0 unseen, 1 referenced USED, 2 listed FREE */
     size_t nb = 0;
@@ -65,13 +69,16 @@ void shm_check_shard(const shm_view_t *v, uint32_t si, shm_check_t *e) {
     e->a = e->b = 0;
     if (shm_load_rlx(&sh->seq) & 1) FAIL(SHM_CHK_SEQ_ODD, sh->seq, 0);
     if (sh->flags) FAIL(SHM_CHK_FLAGS, sh->flags, 0);
+    if (!shm_geom_ok(v, sh->geom)) FAIL(SHM_CHK_GEOM, sh->geom, v->max_slots);
+    if (sh->arena_cap > v->arena_size || sh->arena_cap % SHM_PAGE) FAIL(SHM_CHK_CAP, sh->arena_cap, v->arena_size);
     if (sh->top > v->arena_size) FAIL(SHM_CHK_TOP, sh->top, v->arena_size);
+    if (sh->top > sh->arena_cap) FAIL(SHM_CHK_TOP_CAP, sh->top, sh->arena_cap);
     r = shm_walk_blocks(v, si, &blocks, &nb);
     if (r == SHM_NOMEM) FAIL(SHM_CHK_NOMEM, 0, 0);
     if (r < 0) FAIL(SHM_CHK_WALK, 0, 0);
     mark = (uint8_t *)calloc(nb + 1, 1);
     if (!mark) FAIL(SHM_CHK_NOMEM, 0, 0);
-    for (uint32_t i = 0; i < v->slots; i++) {
+    for (uint32_t i = 0; i < g.slots; i++) {
         uint64_t off = ix[i] & SHM_SLOT_OFFMASK, dummy;
         const shm_item_t *it;
         shm_key_t k;

@@ -18,8 +18,11 @@
     X(COUNTER_STORED, "counter:stored")     /* in-place counter store done, seq odd */ \
     X(ALLOC_SPLIT, "alloc:split")           /* remainder header written, head not yet shrunk */ \
     X(COALESCE_MERGED, "coalesce:merged")   /* one merge done during a coalesce pass */ \
-    X(REBUILD_CLEARED, "rebuild:cleared")   /* index rebuild: index cleared, not refilled */ \
-    X(REBUILD_HALF, "rebuild:half")         /* index rebuild: half the items reinserted */ \
+    X(RESIZE_HALF, "resize:half")           /* index resize: half the slots copied to the idle buffer */ \
+    X(RESIZE_PUBLISHED, "resize:published") /* index resize: geom names the new buffer, seq odd */ \
+    X(ARENA_ALLOCATED, "arena:allocated")   /* arena growth: file space allocated, cap not raised */ \
+    X(COMPACT_COPIED, "compact:copied")     /* compaction: item copied down, index not yet moved */ \
+    X(COMPACT_MOVED, "compact:moved")       /* compaction: index names the copy, seq odd */ \
     X(CLEAR_HALF, "clear:half")             /* clear(): half the index cleared */
 
 #define SHM_CRASH_ENUM(id, name) SHM_CP_##id,

@@ -44,7 +44,8 @@ enum shm_status {
     SHM_BADLOCK = -9,      /* lock word is not a valid robust mutex */
     SHM_TIMEOUT = -10,     /* waited as long as asked */
     SHM_TOOBIG = -11,      /* an item that can never fit a shard */
-    SHM_SYSERR = -12       /* a system call failed; errno says why */
+    SHM_SYSERR = -12,      /* a system call failed; errno says why */
+    SHM_NOSPACE = -13      /* a shard could not grow: the filesystem is full (ENOSPC) */
 };
 
 /* Reasons shm_attach refuses a segment (shm_attach_message spells them). */
@@ -94,14 +95,21 @@ void shm_recbuf_free(shm_recbuf_t *b);
 /* ---- geometry ----------------------------------------------------------------- */
 
 typedef struct {
-    uint32_t nshards, shard_bits, slots, max_fill;
-    uint64_t arena_size, capacity, memory;
+    uint32_t nshards, shard_bits, slots, max_fill, init_slots, grows;
+    uint64_t arena_size, capacity, memory, index_buf, init_arena;
     uint64_t procs_off, shards_off, index_off, arena_off, total_size;
 } shm_plan_t;
 
-/* Geometry for capacity entries and memory item bytes; shards 0 = choose.
+/* Geometry for at most capacity entries and memory item bytes; shards 0 =
+ * choose.  grows: shards start with one page of index and of arena and
+ * grow to the limit; else everything is allocated at creation.  total_size
+ * is the address space reserved (the file's size; sparse when it grows).
  * Returns 0, or -1 with *why set to a message. */
-int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, shm_plan_t *out, const char **why);
+int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, int grows, shm_plan_t *out,
+             const char **why);
+/* The byte ranges of a fresh segment that must be allocated before
+ * shm_init_segment: range i (0, 1, ...) in *off, *len; 0 past the last. */
+int shm_plan_extent(const shm_plan_t *p, uint32_t i, uint64_t *off, uint64_t *len);
 
 /* ---- the view ----------------------------------------------------------------- */
 
@@ -111,11 +119,18 @@ typedef struct {
     shm_header_t *hdr;
     char *procs_base;
     char *shards_base;
-    uint64_t *index_base;
+    char *index_base;
     char *arena_base;
-    uint32_t nsh, shard_bits, slots, max_fill;
-    uint64_t arena_size, seed0, seed1;
+    uint32_t nsh, shard_bits;
+    uint32_t max_slots;      /* index slots a shard may grow to (each buffer's room) */
+    uint32_t init_slots;     /* and starts with (the smallest it shrinks to) */
+    uint64_t index_buf;      /* bytes of one index buffer */
+    uint64_t arena_size;     /* arena bytes a shard may grow to (reserved) */
+    uint64_t init_arena;
+    uint64_t seed0, seed1;
     int mark_clock;          /* a cache table: readers set CLOCK bits */
+    int fd;                  /* the segment's file, to allocate and punch; -1: all memory is there */
+    int grows;               /* shards start small; else all is allocated at creation, never punched */
     /* Process-local [GIL] state. */
     int *pidfds;             /* per slot: pidfd of a foreign owner, -1 none, -2 known dead */
     uint32_t *pidfd_gen;     /* generation the pidfd belongs to */
@@ -136,8 +151,37 @@ int shm_attach(shm_view_t *v, char *base, size_t size);
 static inline shm_shard_t *shm_shard(const shm_view_t *v, uint32_t i) {
     return (shm_shard_t *)(v->shards_base + (size_t)i * sizeof(shm_shard_t));
 }
-static inline uint64_t *shm_index(const shm_view_t *v, uint32_t i) {
-    return v->index_base + (size_t)i * v->slots;
+/* A shard's live index, as geom names it.  geom is shared memory (and a
+ * lock-free reader may see any value): it is clamped to the reservation,
+ * so whatever it holds, the index lies inside the mapping; check() reports
+ * a geom out of range. */
+typedef struct {
+    uint64_t *ix;
+    uint32_t slots, max_fill;
+} shm_ix_t;
+static inline uint32_t shm_fill_limit(uint32_t slots) {
+    return slots - (slots / 10 > 1 ? slots / 10 : 1);
+}
+static inline uint64_t *shm_index_buf(const shm_view_t *v, uint32_t si, unsigned sel) {
+    return (uint64_t *)(v->index_base + ((size_t)si * 2 + (sel & 1)) * v->index_buf);
+}
+static inline int shm_geom_ok(const shm_view_t *v, uint64_t g) {
+    uint32_t n = (uint32_t)g;
+    return n >= 8 && n <= v->max_slots && (g >> 33) == 0;
+}
+static inline shm_ix_t shm_ix_of(const shm_view_t *v, uint32_t si, uint64_t g) {
+    shm_ix_t r;
+    uint32_t n = (uint32_t)g;
+    if (n < 8) n = 8;
+    if (n > v->max_slots) n = v->max_slots;
+    r.ix = shm_index_buf(v, si, (unsigned)(g >> 32) & 1);
+    r.slots = n;
+    r.max_fill = shm_fill_limit(n);
+    return r;
+}
+static inline shm_ix_t shm_ix(const shm_view_t *v, uint32_t si);   /* below shm_shard */
+static inline shm_ix_t shm_ix(const shm_view_t *v, uint32_t si) {
+    return shm_ix_of(v, si, shm_load_rlx(&shm_shard(v, si)->geom));
 }
 static inline char *shm_arena(const shm_view_t *v, uint32_t i) {
     return v->arena_base + (size_t)i * v->arena_size;
@@ -190,11 +234,12 @@ static inline int shm_key_eq(const unsigned char *a, const unsigned char *b, siz
 
 /* shm_find, inlinable into the binding's lock-free read (the hottest path). */
 static inline __attribute__((always_inline)) int64_t shm_find_inline(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t *out_off, int64_t *ins) {
-    const uint64_t *ix = shm_index(v, si);
+    const shm_ix_t g = shm_ix(v, si);
+    const uint64_t *ix = g.ix;
     const char *ar = shm_arena(v, si);
-    uint32_t n = v->slots;
-    uint32_t pos = (uint32_t)(((k->h & 0xffffffffULL) * n) >> 32);
-    uint64_t tag = k->h & SHM_SLOT_TAGMASK;
+    uint32_t n = g.slots;
+    uint64_t tag = shm_slot_tag(k->h);
+    uint32_t pos = shm_slot_home(tag, n);
     *ins = -1;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t s = shm_load_rlx(&ix[pos]);
@@ -249,9 +294,6 @@ int shm_shard_lock(shm_view_t *v, uint32_t si, int try_only);
 void shm_shard_unlock(shm_view_t *v, uint32_t si);
 /* Re-derive a shard after its lock holder died at any instant (lock held). */
 int shm_repair_shard(shm_view_t *v, uint32_t si);
-/* Rebuild the index from the arena's USED blocks (lock held; seq odd when
- * readers may be running). */
-int shm_rebuild_index(shm_view_t *v, uint32_t si, int from_repair);
 /* Reinitialise an abandoned or invalid lock (its holder does not exist) and
  * repair what it guarded.  which: 0..nsh-1 a shard, -1 the process table
  * lock, -2 the watcher lease.  SHM_OK repaired, SHM_NO nothing to repair
@@ -268,6 +310,9 @@ static inline pthread_mutex_t *shm_lock_of(const shm_view_t *v, int which) {
 /* ---- allocator (shm_alloc.c), shard lock held [nogil] ------------------------------- */
 
 uint64_t shm_alloc_block(shm_view_t *v, uint32_t si, uint64_t need);
+/* From the free lists only (never past top), at an offset under below
+ * (SHM_NIL: anywhere): compaction's destinations. */
+uint64_t shm_alloc_listed(shm_view_t *v, uint32_t si, uint64_t need, uint64_t below);
 void shm_free_block(shm_view_t *v, uint32_t si, uint64_t off);
 int shm_coalesce(shm_view_t *v, uint32_t si);
 int shm_walk_blocks(const shm_view_t *v, uint32_t si, uint64_t **out, size_t *nout);
@@ -322,6 +367,28 @@ void shm_unpublish(shm_view_t *v, uint32_t si, int64_t pos, uint64_t off);
 void shm_seq_close_dead(shm_view_t *v, uint32_t si);
 /* Set the CLOCK bit of slot pos, only if clear (the one store a reader makes). */
 void shm_mark_referenced(shm_view_t *v, uint32_t si, int64_t pos);
+
+/* ---- growth and compaction (shm_grow.c), shard lock held [nogil] ---------------------- */
+
+/* Allocate [off, off+len) of the segment's file: SHM_OK, SHM_NOSPACE, SHM_SYSERR. */
+int shm_fs_alloc(shm_view_t *v, uint64_t off, uint64_t len);
+/* Give [off, off+len) back to the filesystem (best effort). */
+void shm_fs_punch(shm_view_t *v, uint64_t off, uint64_t len);
+/* Rebuild shard si's index into its idle buffer at nslots and publish it
+ * (grow, shrink, or drop tombstones at the same size).  SHM_OK, SHM_FULL
+ * (too many entries for nslots), SHM_NOSPACE, SHM_CORRUPT. */
+int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots);
+/* The next size up from slots (doubling, capped at the limit). */
+uint32_t shm_grown_slots(const shm_view_t *v, uint32_t slots);
+/* Allocate more arena so that need bytes fit past top.  SHM_OK, SHM_FULL
+ * (the limit), SHM_NOSPACE, SHM_CORRUPT. */
+int shm_grow_arena(shm_view_t *v, uint32_t si, uint64_t need);
+/* Give the idle index buffer's memory back (after a repair). */
+void shm_punch_idle_index(shm_view_t *v, uint32_t si);
+/* Shrink a mostly empty index and move items at the end of the arena into
+ * free blocks below, then give the freed tail back; force: even when the
+ * shard is not mostly empty.  *released: bytes given back. */
+int shm_compact_shard(shm_view_t *v, uint32_t si, int force, uint64_t *released);
 
 /* ---- owners (shm_liveness.c) ---------------------------------------------------------- */
 

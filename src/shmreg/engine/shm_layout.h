@@ -16,12 +16,17 @@
 #include <pthread.h>
 
 #define SHM_MAGIC 0x3147455220484d53ULL /* "SMH REG1" little endian */
-#define SHM_LAYOUT_VERSION 1
+#define SHM_LAYOUT_VERSION 2
 #define SHM_HEADER_SIZE 4096
 #define SHM_NPROCS 1024
 #define SHM_NBINS 64
 #define SHM_MAX_SHARDS 1024
 #define SHM_MAX_KEY 65535
+/* Granularity of what a growing table allocates (and punches back): each
+ * shard's index buffers and arena start on such a boundary. */
+#define SHM_PAGE 4096
+/* Index slots a growing shard starts with (one page). */
+#define SHM_INIT_SLOTS 512
 
 /* A process-shared mutex padded to its own 64 bytes (glibc's is 40). */
 typedef union { pthread_mutex_t m; char pad[64]; } shm_lock_t;
@@ -33,9 +38,9 @@ typedef struct {
     uint64_t total_size;
     uint32_t nshards;        /* power of two */
     uint32_t shard_bits;
-    uint32_t slots;          /* index slots per shard */
-    uint32_t max_fill;       /* count + tombstones allowed per shard */
-    uint64_t arena_size;     /* item bytes per shard */
+    uint32_t slots;          /* index slots per shard at the limit (each buffer's room) */
+    uint32_t max_fill;       /* count + tombstones allowed per shard at the limit */
+    uint64_t arena_size;     /* item bytes per shard at the limit (reserved, page multiple) */
     uint64_t capacity;       /* as asked at creation */
     uint64_t memory;         /* as asked at creation */
     uint64_t seed0, seed1;   /* keyed hash: Python's hash() differs per process */
@@ -47,8 +52,13 @@ typedef struct {
      * standbys wait on it and the kernel hands it over (EOWNERDEAD) when the
      * holder dies. */
     uint64_t lease_pid, lease_start, lease_gen, lease_reserved;
-    uint64_t table_flags;    /* SHM_TABLE_CLOCK: readers set reference bits (a cache) */
-    uint64_t reserved[23];
+    uint64_t table_flags;    /* SHM_TABLE_CLOCK: readers set reference bits (a cache);
+                              * SHM_TABLE_GROWS: shards start small and grow to the limit */
+    uint64_t index_buf;      /* bytes of one index buffer (two per shard), page multiple */
+    uint32_t init_slots;     /* index slots a shard starts with */
+    uint32_t pad0;
+    uint64_t init_arena;     /* arena bytes a shard starts with (page multiple) */
+    uint64_t reserved[20];
     shm_lock_t procs_lock;   /* guards slot claims */
     shm_lock_t lease_lock;
 } shm_header_t;
@@ -77,7 +87,13 @@ enum { SHM_PROC_SELF = 1, SHM_PROC_FOREIGN = 2 };
 typedef struct {
     shm_lock_t lock;
     uint64_t seq;            /* seqlock: odd while a writer changes what readers see */
-    uint64_t flags;          /* SHM_SHARD_REBUILDING while the index is rebuilt */
+    /* The live index: slots (bits 0-31) and which of the shard's two buffers
+     * holds it (bit 32), on the seqlock's cache line (readers load both).
+     * A resize fills the other buffer under the lock and publishes it with
+     * one store of geom inside a seqlock window; a reader that raced it
+     * retries. */
+    uint64_t geom;
+    uint64_t flags;          /* none defined in layout 2: always 0 */
     uint64_t top;            /* arena bytes carved into blocks (bump pointer) */
     uint64_t used;           /* bytes in USED blocks */
     uint32_t count;          /* live index entries (expired ones included) */
@@ -92,7 +108,14 @@ typedef struct {
     /* Sampled read counters, on their own cache line (away from seq): each
      * reader adds 64 once per 64 of its hits / misses. */
     uint64_t sampled_hits, sampled_misses;
-    uint64_t reserved[14];   /* pads the struct to 13 cache lines */
+    /* Growth (see geom above).  arena_cap: arena bytes allocated in the
+     * file (top <= arena_cap <= arena_size); nothing past it is published. */
+    uint64_t arena_cap;
+    uint64_t n_grows;        /* index or arena grown */
+    uint64_t n_shrinks;      /* index shrunk or arena given back (compaction) */
+    uint64_t n_moves;        /* items moved down by compaction */
+    uint64_t n_nospace;      /* growth refused: the filesystem is full */
+    uint64_t reserved[8];    /* pads the struct to 13 cache lines */
     uint64_t bins[SHM_NBINS];   /* free-list heads, arena offsets, SHM_NIL = empty */
 } shm_shard_t;
 
@@ -113,18 +136,29 @@ typedef struct {
 #define SHM_ITEM_HDR 24
 #define SHM_BLOCK_MIN 32
 #define SHM_BLOCK_USED 1
-#define SHM_BLOCK_REF 2          /* carries an index slot's CLOCK bit through an index rebuild */
-#define SHM_SHARD_REBUILDING 1
+#define SHM_BLOCK_REF 2          /* (layout 1: a CLOCK bit parked during a rebuild; never set now) */
 #define SHM_TABLE_CLOCK 1
+#define SHM_TABLE_GROWS 2
+#define SHM_GEOM_SEL (1ULL << 32)
 #define SHM_NIL UINT64_MAX
 
-/* Index slot: bit 63 clock (reference) bit, bits 48-62 tag, bits 0-47 offset+8.
- * Offset field 0 = empty, 1 = tombstone. */
-#define SHM_SLOT_OFFMASK 0x0000FFFFFFFFFFFFULL
-#define SHM_SLOT_TAGMASK 0x7FFF000000000000ULL
+/* Index slot: bit 63 clock (reference) bit, bits 32-62 the low 31 bits of
+ * the key's hash (they place the slot, and filter probes), bits 0-31
+ * offset+8 (an arena is under 4 GiB).  Offset field 0 = empty, 1 =
+ * tombstone.  A resize places slots from these bits alone: it never reads
+ * an item. */
+#define SHM_SLOT_OFFMASK 0x00000000FFFFFFFFULL
+#define SHM_SLOT_TAGMASK 0x7FFFFFFF00000000ULL
 #define SHM_SLOT_CLOCK   0x8000000000000000ULL
 #define SHM_SLOT_EMPTY 0ULL
 #define SHM_SLOT_TOMB  1ULL
+
+/* The tag bits of a slot for hash h, and the home slot of those bits in an
+ * index of n slots. */
+static inline uint64_t shm_slot_tag(uint64_t h) { return (h & 0x7FFFFFFFULL) << 32; }
+static inline uint32_t shm_slot_home(uint64_t slot, uint32_t n) {
+    return (uint32_t)((((slot & SHM_SLOT_TAGMASK) >> 32) * (uint64_t)n) >> 31);
+}
 
 /* Key types (part of the key: 1 != "1"). */
 enum { SHM_KT_BYTES = 1, SHM_KT_STR = 2, SHM_KT_INT = 3, SHM_KT_BIGINT = 4, SHM_KT_MAX = 4 };
@@ -154,10 +188,13 @@ _Static_assert(sizeof(shm_shard_t) == 13 * 64, "shard struct is 13 cache lines")
 _Static_assert(offsetof(shm_shard_t, sampled_hits) / 64 != offsetof(shm_shard_t, seq) / 64,
                "sampled read counters live away from the seqlock's cache line");
 _Static_assert(sizeof(shm_header_t) <= SHM_HEADER_SIZE, "header fits its page");
-/* Layout version 1, pinned: these moved means SHM_LAYOUT_VERSION must move. */
+/* Layout version 2, pinned: these moved means SHM_LAYOUT_VERSION must move. */
 _Static_assert(offsetof(shm_header_t, procs_lock) == 376 && offsetof(shm_header_t, lease_lock) == 440,
-               "header layout of version 1");
-_Static_assert(offsetof(shm_shard_t, bins) == 320, "shard layout of version 1");
+               "header layout of version 2");
+_Static_assert(offsetof(shm_header_t, index_buf) == 192 && offsetof(shm_header_t, init_arena) == 208,
+               "header layout of version 2");
+_Static_assert(offsetof(shm_shard_t, bins) == 320 && offsetof(shm_shard_t, geom) == 72,
+               "shard layout of version 2");
 _Static_assert(offsetof(shm_item_t, expires) % 8 == 0, "expiry is one aligned store");
 _Static_assert(SHM_NPROCS <= 4095, "slot + 1 fits the owner id's 12 bits");
 
@@ -168,12 +205,13 @@ _Static_assert(SHM_NPROCS <= 4095, "slot + 1 fits the owner id's 12 bits");
     X(header, arena_size) X(header, capacity) X(header, memory) X(header, seed0) \
     X(header, seed1) X(header, procs_off) X(header, shards_off) X(header, index_off) \
     X(header, arena_off) X(header, nprocs) X(header, proc_size) X(header, shard_size) \
-    X(header, bins) X(header, creator_pid) X(header, table_flags) X(header, procs_lock) \
+    X(header, bins) X(header, creator_pid) X(header, table_flags) X(header, index_buf) \
+    X(header, init_slots) X(header, init_arena) X(header, procs_lock) \
     X(header, lease_lock) \
     X(proc, state) X(proc, gen) X(proc, pid) X(proc, start_time) X(proc, kind) X(proc, alive) \
     X(shard, lock) X(shard, seq) X(shard, flags) X(shard, top) X(shard, used) X(shard, count) \
     X(shard, tombs) X(shard, nttl) X(shard, nowned) X(shard, binmap) X(shard, hand) \
-    X(shard, bins) \
+    X(shard, geom) X(shard, arena_cap) X(shard, n_grows) X(shard, bins) \
     X(item, size) X(item, klen) X(item, types) X(item, flags) X(item, vlen) X(item, owner) \
     X(item, expires)
 

@@ -11,10 +11,11 @@ int64_t shm_find(const shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t 
 
 int shm_snap_shard(shm_view_t *v, uint32_t si, uint64_t now, shm_recbuf_t *b,
                    const shm_key_t *prefix, size_t *count) {
-    const uint64_t *ix = shm_index(v, si);
+    const shm_ix_t g = shm_ix(v, si);
+    const uint64_t *ix = g.ix;
     const char *ar = shm_arena(v, si);
     *count = 0;
-    for (uint32_t i = 0; i < v->slots; i++) {
+    for (uint32_t i = 0; i < g.slots; i++) {
         uint64_t s = shm_load_rlx(&ix[i]);
         uint64_t off = s & SHM_SLOT_OFFMASK, size, vlen, klen, exp;
         uint32_t owner;

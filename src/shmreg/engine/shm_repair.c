@@ -1,10 +1,10 @@
 /*
  * Locking a shard, and putting it right after its lock holder died at any
  * instant.  The index is the truth: every publish and unpublish is one
- * store of a complete item, so the repair re-derives blocks, free lists and
- * counters from it - or, when the writer died inside an index rebuild
- * (SHM_SHARD_REBUILDING), re-runs the rebuild from the arena's USED blocks,
- * which the rebuild never changes.
+ * store of a complete item, and a resize fills the idle buffer and
+ * publishes it with one store (geom), so the live index is always whole.
+ * The repair re-derives blocks, free lists and counters from it, and gives
+ * back the idle index buffer a resize may have left half-filled.
  */
 #define _GNU_SOURCE
 #include "shm_engine.h"
@@ -15,11 +15,12 @@
 
 static void recount(shm_view_t *v, uint32_t si) {
     shm_shard_t *sh = shm_shard(v, si);
-    const uint64_t *ix = shm_index(v, si);
+    shm_ix_t g = shm_ix(v, si);
+    const uint64_t *ix = g.ix;
     const char *ar = shm_arena(v, si);
     uint32_t count = 0, tombs = 0, nttl = 0, nowned = 0;
     uint64_t used = 0;
-    for (uint32_t i = 0; i < v->slots; i++) {
+    for (uint32_t i = 0; i < g.slots; i++) {
         uint64_t off = ix[i] & SHM_SLOT_OFFMASK;
         if (off == SHM_SLOT_TOMB) {
             tombs++;
@@ -40,16 +41,22 @@ static void recount(shm_view_t *v, uint32_t si) {
 
 /* Index is the truth: free unreferenced blocks, recount, rebuild free lists. */
 static int reconcile(shm_view_t *v, uint32_t si) {
-    const uint64_t *ix = shm_index(v, si);
+    shm_ix_t g = shm_ix(v, si);
+    const uint64_t *ix = g.ix;
     char *ar = shm_arena(v, si);
+    shm_shard_t *sh = shm_shard(v, si);
     uint64_t *blocks = NULL;
     size_t nb = 0;
     uint8_t *ref;
-    int r = shm_walk_blocks(v, si, &blocks, &nb);
+    int r;
+    if (!shm_geom_ok(v, sh->geom) || sh->arena_cap > v->arena_size || sh->arena_cap % SHM_PAGE
+            || sh->top > sh->arena_cap)
+        return SHM_CORRUPT;     /* no crash stores any of these out of range */
+    r = shm_walk_blocks(v, si, &blocks, &nb);
     if (r < 0) return r;
     ref = (uint8_t *)calloc(nb + 1, 1);
     if (!ref) { free(blocks); return SHM_NOMEM; }
-    for (uint32_t i = 0; i < v->slots; i++) {
+    for (uint32_t i = 0; i < g.slots; i++) {
         uint64_t off = ix[i] & SHM_SLOT_OFFMASK;
         size_t lo;
         if (off <= SHM_SLOT_TOMB) continue;
@@ -88,73 +95,12 @@ static int reconcile(shm_view_t *v, uint32_t si) {
     return 0;
 }
 
-int shm_rebuild_index(shm_view_t *v, uint32_t si, int from_repair) {
-    /* SHM_SHARD_REBUILDING is set for the duration: a writer killed midway
-     * leaves it set, and the repair then redoes the rebuild from the arena,
-     * which is complete and unchanged throughout. */
-    shm_shard_t *sh = shm_shard(v, si);
-    char *ar = shm_arena(v, si);
-    uint64_t *ix = shm_index(v, si);
-    uint64_t *blocks = NULL;
-    size_t nb = 0, done = 0, nused = 0;
-    int r = shm_walk_blocks(v, si, &blocks, &nb);
-    if (r < 0) return r;
-    if (!from_repair) {
-        /* Park each slot's CLOCK bit in its item, so the rebuilt index keeps
-         * what readers marked (a repair honours what was parked). */
-        for (uint32_t i = 0; i < v->slots; i++) {
-            uint64_t off = ix[i] & SHM_SLOT_OFFMASK;
-            if ((ix[i] & SHM_SLOT_CLOCK) && off > SHM_SLOT_TOMB && shm_item_ok(v, ar, off - 8)) {
-                shm_item_t *it = (shm_item_t *)(ar + off - 8);
-                shm_store_rlx((uint64_t *)it, shm_word0(it->size, it->klen, it->types, it->flags | SHM_BLOCK_REF));
-            }
-        }
-        sh->flags |= SHM_SHARD_REBUILDING;
-        shm_fence_rel();
-    }
-    for (uint32_t i = 0; i < v->slots; i++) shm_store_rlx(&ix[i], SHM_SLOT_EMPTY);
-    SHM_CRASH_POINT(REBUILD_CLEARED);
-    for (size_t j = 0; j < nb; j++)
-        if (((shm_item_t *)(ar + blocks[j]))->flags & SHM_BLOCK_USED) nused++;
-    for (size_t j = 0; j < nb; j++) {
-        uint64_t off = blocks[j], h;
-        shm_item_t *it = (shm_item_t *)(ar + off);
-        uint32_t pos, i;
-        if (!(it->flags & SHM_BLOCK_USED)) continue;
-        if (SHM_ITEM_HDR + (uint64_t)it->vlen + it->klen > it->size) { free(blocks); return SHM_CORRUPT; }
-        h = shm_hash((const unsigned char *)(ar + off + SHM_ITEM_HDR + it->vlen), it->klen,
-                     it->types & 15, v->seed0, v->seed1);
-        if (shm_shard_of(v, h) != si) { free(blocks); return SHM_CORRUPT; }
-        pos = (uint32_t)(((h & 0xffffffffULL) * v->slots) >> 32);
-        for (i = 0; i < v->slots; i++) {
-            if ((ix[pos] & SHM_SLOT_OFFMASK) == SHM_SLOT_EMPTY) break;
-            if (++pos == v->slots) pos = 0;
-        }
-        if ((ix[pos] & SHM_SLOT_OFFMASK) != SHM_SLOT_EMPTY) { free(blocks); return SHM_CORRUPT; }
-        if (it->flags & SHM_BLOCK_REF) {
-            shm_store_rlx(&ix[pos], (h & SHM_SLOT_TAGMASK) | (off + 8) | SHM_SLOT_CLOCK);
-            shm_store_rlx((uint64_t *)it, shm_word0(it->size, it->klen, it->types, SHM_BLOCK_USED));
-        } else {
-            shm_store_rlx(&ix[pos], (h & SHM_SLOT_TAGMASK) | (off + 8));
-        }
-        done++;
-        if (done * 2 >= nused) SHM_CRASH_POINT(REBUILD_HALF);
-    }
-    free(blocks);
-    sh->n_rebuilds++;
-    recount(v, si);
-    shm_fence_rel();
-    sh->flags &= ~(uint64_t)SHM_SHARD_REBUILDING;
-    if (from_repair) return shm_coalesce(v, si);
-    return 0;
-}
-
 int shm_repair_shard(shm_view_t *v, uint32_t si) {
     shm_shard_t *sh = shm_shard(v, si);
     int r;
     sh->n_repairs++;
-    if (sh->flags & SHM_SHARD_REBUILDING) r = shm_rebuild_index(v, si, 1);
-    else r = reconcile(v, si);
+    r = reconcile(v, si);
+    if (r == 0) shm_punch_idle_index(v, si);
     shm_seq_close_dead(v, si);
     return r;
 }

@@ -8,7 +8,8 @@
 
 static uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
-int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, shm_plan_t *p, const char **why) {
+int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, int grows, shm_plan_t *p,
+             const char **why) {
     uint32_t n, bits = 0;
     uint64_t per, slots, arena;
     double want;
@@ -34,9 +35,9 @@ int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, shm_plan_t *p,
     if (want * n > (double)(1ULL << 40)) { *why = "capacity too large"; return -1; }
     slots = align_up((uint64_t)want, 8);
     if (slots * n > (1ULL << 40)) { *why = "capacity too large"; return -1; }
-    arena = align_up(memory / n + (memory % n != 0), 64);
-    if (arena < 256) arena = 256;
-    if (arena > 0xFFFFFFF8ULL) { *why = "memory too large for this shard count: pass more shards"; return -1; }
+    /* Page multiples: a shard's arena grows and is given back a page at a time. */
+    arena = align_up(memory / n + (memory % n != 0), SHM_PAGE);
+    if (arena > 0xFFFFF000ULL) { *why = "memory too large for this shard count: pass more shards"; return -1; }
     while ((1u << bits) < n) bits++;
     p->nshards = n;
     p->shard_bits = bits;
@@ -45,12 +46,48 @@ int shm_plan(uint64_t capacity, uint64_t memory, uint32_t shards, shm_plan_t *p,
     p->arena_size = arena;
     p->capacity = capacity;
     p->memory = memory;
+    p->grows = grows ? 1 : 0;
+    /* Two index buffers per shard (a resize fills one while readers use the
+     * other), each with room for the limit. */
+    p->index_buf = align_up(slots * 8, SHM_PAGE);
+    /* A growing shard starts with a page of index (less for a small limit:
+     * an eighth of it, so that even small tables are seen growing). */
+    p->init_slots = (uint32_t)slots;
+    if (grows) {
+        uint64_t init = align_up(slots / 8, 8);
+        if (init < 8) init = 8;
+        if (init > SHM_INIT_SLOTS) init = SHM_INIT_SLOTS;
+        p->init_slots = (uint32_t)init;
+    }
+    p->init_arena = grows ? SHM_PAGE : arena;
     p->procs_off = SHM_HEADER_SIZE;
     p->shards_off = p->procs_off + (uint64_t)SHM_NPROCS * sizeof(shm_proc_t);
-    p->index_off = align_up(p->shards_off + (uint64_t)n * sizeof(shm_shard_t), 64);
-    p->arena_off = align_up(p->index_off + (uint64_t)n * slots * 8, 64);
-    p->total_size = align_up(p->arena_off + (uint64_t)n * arena, 4096);
+    p->index_off = align_up(p->shards_off + (uint64_t)n * sizeof(shm_shard_t), SHM_PAGE);
+    p->arena_off = p->index_off + 2 * (uint64_t)n * p->index_buf;
+    p->total_size = p->arena_off + (uint64_t)n * arena;
     return 0;
+}
+
+int shm_plan_extent(const shm_plan_t *p, uint32_t i, uint64_t *off, uint64_t *len) {
+    /* Header, process table and shard structs; then per shard its first
+     * index buffer's initial slots and its initial arena. */
+    if (i == 0) {
+        *off = 0;
+        *len = p->index_off;
+        return 1;
+    }
+    i--;
+    if (i >= 2 * p->nshards) return 0;
+    if (i % 2 == 0) {
+        /* Buffer 0 of shard i/2; a pre-sized table gets both buffers (they
+         * are adjacent), so that it never needs more memory than it has. */
+        *off = p->index_off + (uint64_t)i * p->index_buf;
+        *len = p->grows ? align_up((uint64_t)p->init_slots * 8, SHM_PAGE) : 2 * p->index_buf;
+    } else {
+        *off = p->arena_off + (uint64_t)(i / 2) * p->arena_size;
+        *len = p->init_arena;
+    }
+    return 1;
 }
 
 int shm_init_segment(char *base, const shm_plan_t *plan, uint64_t seed0, uint64_t seed1,
@@ -81,13 +118,18 @@ int shm_init_segment(char *base, const shm_plan_t *plan, uint64_t seed0, uint64_
     h->creator_pid = creator_pid;
     h->creator_start = creator_start;
     h->created_unix_ns = created_unix_ns;
-    h->table_flags = clock_bits ? SHM_TABLE_CLOCK : 0;
+    h->table_flags = (clock_bits ? SHM_TABLE_CLOCK : 0) | (plan->grows ? SHM_TABLE_GROWS : 0);
+    h->index_buf = plan->index_buf;
+    h->init_slots = plan->init_slots;
+    h->init_arena = plan->init_arena;
     if ((rc = shm_mutex_init(&h->procs_lock.m)) != 0) return rc;
     if ((rc = shm_mutex_init(&h->lease_lock.m)) != 0) return rc;
     for (uint32_t i = 0; i < plan->nshards; i++) {
         shm_shard_t *sh = (shm_shard_t *)(base + plan->shards_off + (size_t)i * sizeof(shm_shard_t));
         if ((rc = shm_mutex_init(&sh->lock.m)) != 0) return rc;
         for (uint32_t b = 0; b < SHM_NBINS; b++) sh->bins[b] = SHM_NIL;
+        sh->geom = plan->init_slots;
+        sh->arena_cap = plan->init_arena;
     }
     shm_fence_rel();
     shm_store_rel(&h->magic, SHM_MAGIC);
@@ -134,14 +176,16 @@ int shm_attach(shm_view_t *v, char *base, size_t size) {
     if (h->slots < 8 || h->slots % 8 || (uint64_t)h->slots * n > (1ULL << 40)
             || h->max_fill >= h->slots || h->max_fill < 1)
         return SHM_ATTACH_INDEX;
-    if (h->arena_size < 256 || h->arena_size % 64 || h->arena_size > 0xFFFFFFF8ULL)
+    if (h->arena_size < SHM_PAGE || h->arena_size % SHM_PAGE || h->arena_size > 0xFFFFF000ULL)
         return SHM_ATTACH_ARENA;
-    if (shm_plan(h->capacity, h->memory, n, &plan, &why) != 0)
+    if (shm_plan(h->capacity, h->memory, n, (h->table_flags & SHM_TABLE_GROWS) != 0, &plan, &why) != 0)
         return SHM_ATTACH_PLAN;
     if (plan.procs_off != h->procs_off || plan.shards_off != h->shards_off
             || plan.index_off != h->index_off || plan.arena_off != h->arena_off)
         return SHM_ATTACH_OFFSETS;
-    if (plan.slots != h->slots || plan.max_fill != h->max_fill || plan.arena_size != h->arena_size)
+    if (plan.slots != h->slots || plan.max_fill != h->max_fill || plan.arena_size != h->arena_size
+            || plan.index_buf != h->index_buf || plan.init_slots != h->init_slots
+            || plan.init_arena != h->init_arena)
         return SHM_ATTACH_PLAN;
     if (h->total_size != plan.total_size || plan.total_size != size)
         return SHM_ATTACH_SIZE;
@@ -150,16 +194,20 @@ int shm_attach(shm_view_t *v, char *base, size_t size) {
     v->hdr = (shm_header_t *)base;
     v->nsh = n;
     v->shard_bits = plan.shard_bits;
-    v->slots = plan.slots;
-    v->max_fill = plan.max_fill;
+    v->max_slots = plan.slots;
+    v->init_slots = plan.init_slots;
+    v->index_buf = plan.index_buf;
     v->arena_size = plan.arena_size;
+    v->init_arena = plan.init_arena;
     v->seed0 = h->seed0;
     v->seed1 = h->seed1;
     v->procs_base = base + plan.procs_off;
     v->shards_base = base + plan.shards_off;
-    v->index_base = (uint64_t *)(base + plan.index_off);
+    v->index_base = base + plan.index_off;
     v->arena_base = base + plan.arena_off;
     v->mark_clock = (h->table_flags & SHM_TABLE_CLOCK) != 0;
+    v->fd = -1;     /* the binding sets it: without one, growth allocates nothing */
+    v->grows = (h->table_flags & SHM_TABLE_GROWS) != 0;
     v->last_evicted = 0;
     return SHM_ATTACH_OK;
 }

@@ -14,10 +14,11 @@
 
 void shm_unpublish(shm_view_t *v, uint32_t si, int64_t pos, uint64_t off) {
     shm_shard_t *sh = shm_shard(v, si);
-    uint64_t *ix = shm_index(v, si);
+    shm_ix_t g = shm_ix(v, si);
+    uint64_t *ix = g.ix;
     shm_item_t *it = (shm_item_t *)(shm_arena(v, si) + off);
     uint32_t nxt = (uint32_t)pos + 1;
-    if (nxt == v->slots) nxt = 0;
+    if (nxt == g.slots) nxt = 0;
     shm_seq_begin(&sh->seq);
     if ((ix[nxt] & SHM_SLOT_OFFMASK) == SHM_SLOT_EMPTY) {
         /* No probe chain runs through this slot: it can become empty again. */
@@ -44,7 +45,10 @@ void shm_seq_close_dead(shm_view_t *v, uint32_t si) {
 void shm_mark_referenced(shm_view_t *v, uint32_t si, int64_t pos) {
     /* The one store a reader may make: the CLOCK reference bit, only when
      * clear (so a hot entry costs one store, ever). */
-    uint64_t *slot = &shm_index(v, si)[pos];
+    shm_ix_t g = shm_ix(v, si);
+    uint64_t *slot;
+    if (pos < 0 || pos >= (int64_t)g.slots) return;   /* the index was resized since the probe */
+    slot = &g.ix[pos];
     if (!(shm_load_rlx(slot) & SHM_SLOT_CLOCK)) shm_or_rlx(slot, SHM_SLOT_CLOCK);
 }
 
@@ -54,11 +58,12 @@ static inline int item_live(shm_view_t *v, const shm_item_t *it, uint64_t now) {
 
 long shm_purge_shard(shm_view_t *v, uint32_t si, uint64_t now, int64_t keep, int dead_too) {
     shm_shard_t *sh = shm_shard(v, si);
-    uint64_t *ix = shm_index(v, si);
+    shm_ix_t g = shm_ix(v, si);
+    uint64_t *ix = g.ix;
     char *ar = shm_arena(v, si);
     long n = 0;
     if (sh->nttl == 0 && (sh->nowned == 0 || !dead_too)) return 0;
-    for (uint32_t i = 0; i < v->slots; i++) {
+    for (uint32_t i = 0; i < g.slots; i++) {
         uint64_t off = ix[i] & SHM_SLOT_OFFMASK;
         const shm_item_t *it;
         if (off <= SHM_SLOT_TOMB || (int64_t)i == keep || !shm_item_ok(v, ar, off - 8)) continue;
@@ -86,10 +91,11 @@ static long reclaim(shm_view_t *v, uint32_t si, uint64_t now, int64_t keep) {
  * 0: an expired or dead-owned one, -1: nothing evictable. */
 static int evict_one(shm_view_t *v, uint32_t si, uint64_t now, int64_t keep) {
     shm_shard_t *sh = shm_shard(v, si);
-    uint64_t *ix = shm_index(v, si);
+    shm_ix_t g = shm_ix(v, si);
+    uint64_t *ix = g.ix;
     char *ar = shm_arena(v, si);
-    for (uint64_t step = 0; step < 2 * (uint64_t)v->slots + 1; step++) {
-        uint64_t h = sh->hand % v->slots;
+    for (uint64_t step = 0; step < 2 * (uint64_t)g.slots + 1; step++) {
+        uint64_t h = sh->hand % g.slots;
         uint64_t s = ix[h], off = s & SHM_SLOT_OFFMASK;
         const shm_item_t *it;
         sh->hand = h + 1;
@@ -112,32 +118,55 @@ static int evict_one(shm_view_t *v, uint32_t si, uint64_t now, int64_t keep) {
     return -1;
 }
 
-/* Make an insert slot when the index is at its fill limit. */
+/* Make an insert slot when the index is at its fill limit: grow it (up to
+ * the limit), else make room as a full table does. */
 static int make_index_room(shm_view_t *v, uint32_t si, uint64_t now, int evict) {
     shm_shard_t *sh = shm_shard(v, si);
-    int r;
-    if (sh->tombs == 0 || sh->count >= v->max_fill) {
+    shm_ix_t g = shm_ix(v, si);
+    int r, nospace = 0;
+    if (g.slots < v->max_slots && sh->count + 1 > g.slots / 2) {
+        /* Over half full with live entries: double (otherwise tombstones
+         * are what fills it, and a rebuild at this size is enough). */
+        r = shm_resize_index(v, si, shm_grown_slots(v, g.slots));
+        if (r == SHM_OK) return SHM_OK;
+        if (r != SHM_NOSPACE) return r;
+        nospace = 1;    /* the filesystem is the limit now */
+    }
+    if (sh->tombs == 0 || sh->count >= g.max_fill) {
         if (!evict) {
             /* Not full while expired (or dead-owned) entries take the room. */
-            if (reclaim(v, si, now, -1) == 0) return SHM_FULL;
+            if (reclaim(v, si, now, -1) == 0) return nospace ? SHM_NOSPACE : SHM_FULL;
         } else {
-            uint32_t headroom = v->max_fill / 32 > 1 ? v->max_fill / 32 : 1;
+            uint32_t headroom = g.max_fill / 32 > 1 ? g.max_fill / 32 : 1;
             shm_purge_shard(v, si, now, -1, 1);
             /* Evict a little headroom (1/32 of the shard) at once: the index
              * rebuild that follows then happens once per headroom inserts,
              * not on every insert at capacity. */
-            while (sh->count > v->max_fill - headroom) {
+            while (sh->count > g.max_fill - headroom) {
                 r = evict_one(v, si, now, -1);
                 if (r < 0) return SHM_FULL;
                 v->last_evicted += r;
             }
         }
     }
-    if (sh->count + sh->tombs >= v->max_fill) {
-        /* Tombstones use up the probe budget: rebuild the index without them. */
-        shm_seq_begin(&sh->seq);
-        r = shm_rebuild_index(v, si, 0);
-        shm_seq_end(&sh->seq);
+    if (sh->count + sh->tombs >= g.max_fill) {
+        /* Tombstones use up the probe budget: rebuild the index without
+         * them (into the idle buffer, at this size). */
+        r = shm_resize_index(v, si, g.slots);
+        if (r == SHM_NOSPACE && evict) {
+            /* The filesystem is full and the idle buffer needs pages: a
+             * cache makes them by evicting half the shard and giving its
+             * arena pages back, then tries once more. */
+            uint64_t released;
+            uint32_t target = sh->count / 2;
+            while (sh->count > target && evict_one(v, si, now, -1) >= 0)
+                v->last_evicted++;
+            if ((r = shm_compact_shard(v, si, 1, &released)) < 0) return r;
+            if (sh->count + sh->tombs >= shm_ix(v, si).max_fill)
+                r = shm_resize_index(v, si, shm_ix(v, si).slots);
+            else
+                r = SHM_OK;
+        }
         if (r < 0) return r;
     }
     return SHM_OK;
@@ -146,14 +175,42 @@ static int make_index_room(shm_view_t *v, uint32_t si, uint64_t now, int evict) 
 /* Find a block of need bytes, reclaiming or evicting (never slot keep). */
 static uint64_t make_block(shm_view_t *v, uint32_t si, uint64_t need, uint64_t now, int64_t keep,
                            int evict, long *reclaimed, int *st) {
-    uint64_t noff = shm_alloc_block(v, si, need);
+    shm_shard_t *sh = shm_shard(v, si);
+    uint64_t noff = shm_alloc_block(v, si, need), freeb;
     int tries = 0, r;
     *reclaimed = 0;
     *st = SHM_OK;
     if (noff != SHM_NIL) return noff;
-    if (shm_coalesce(v, si) < 0) { *st = SHM_CORRUPT; return SHM_NIL; }
-    noff = shm_alloc_block(v, si, need);
-    if (noff != SHM_NIL) return noff;
+    /* Merging free blocks walks the arena: worth it only when there is a
+     * fair amount free (not on every step of a growing shard). */
+    freeb = sh->top > sh->used ? sh->top - sh->used : 0;
+    if (freeb >= need && (freeb >= sh->top / 16 || sh->arena_cap >= v->arena_size)) {
+        if (shm_coalesce(v, si) < 0) { *st = SHM_CORRUPT; return SHM_NIL; }
+        noff = shm_alloc_block(v, si, need);
+        if (noff != SHM_NIL) return noff;
+    }
+    if (sh->arena_cap < v->arena_size) {
+        r = shm_grow_arena(v, si, need);
+        if (r == SHM_OK) {
+            noff = shm_alloc_block(v, si, need);
+            if (noff != SHM_NIL) return noff;
+        } else if (r != SHM_FULL && !(r == SHM_NOSPACE && evict)) {
+            /* A table that does not evict reports the full filesystem; a
+             * cache makes room as at its limit. */
+            if (r == SHM_NOSPACE) {
+                *reclaimed = reclaim(v, si, now, keep);
+                if (*reclaimed > 0 && shm_coalesce(v, si) == 0) {
+                    noff = shm_alloc_block(v, si, need);
+                    if (noff != SHM_NIL) return noff;
+                }
+            }
+            *st = r;
+            return SHM_NIL;
+        }
+        if (shm_coalesce(v, si) < 0) { *st = SHM_CORRUPT; return SHM_NIL; }
+        noff = shm_alloc_block(v, si, need);
+        if (noff != SHM_NIL) return noff;
+    }
     /* No room: expired (then dead-owned) entries go first, then a cache
      * evicts by CLOCK; never the entry being replaced (it stays until the
      * new one is published). */
@@ -185,7 +242,7 @@ int shm_put(shm_view_t *v, uint32_t si, const shm_key_t *k, const shm_val_t *val
             uint32_t owner, int mode, uint64_t now, const shm_val_t *expect, shm_recbuf_t *old) {
     shm_shard_t *sh = shm_shard(v, si);
     char *ar = shm_arena(v, si);
-    uint64_t *ix = shm_index(v, si);
+    uint64_t *ix = shm_ix(v, si).ix;
     uint64_t off = 0, noff, need;
     int64_t pos, ins;
     shm_item_t *it, *ot = NULL;
@@ -216,7 +273,8 @@ int shm_put(shm_view_t *v, uint32_t si, const shm_key_t *k, const shm_val_t *val
         }
     } else if (mode == SHM_PUT_CAS) {
         return SHM_NO;
-    } else if (ins < 0 || ((ix[ins] & SHM_SLOT_OFFMASK) == SHM_SLOT_EMPTY && sh->count + sh->tombs >= v->max_fill)) {
+    } else if (ins < 0 || ((ix[ins] & SHM_SLOT_OFFMASK) == SHM_SLOT_EMPTY
+                           && sh->count + sh->tombs >= shm_ix(v, si).max_fill)) {
         /* (Reusing a tombstone never raises count + tombs: no rebuild needed.) */
         st = make_index_room(v, si, now, evict);
         if (st != SHM_OK) {
@@ -225,9 +283,10 @@ int shm_put(shm_view_t *v, uint32_t si, const shm_key_t *k, const shm_val_t *val
         }
         pos = shm_find(v, si, k, &off, &ins);
         if (pos != -1 || ins < 0) return SHM_CORRUPT;
+        ix = shm_ix(v, si).ix;    /* (a resize moved it) */
     }
     noff = make_block(v, si, need, now, pos, evict, &reclaimed, &st);
-    if (st != SHM_OK) return st;
+    if (st != SHM_OK && st != SHM_NOSPACE) return st;
     if (reclaimed > 0 && pos < 0) {
         /* Deletions emptied slots: the insert slot found before may now lie
          * beyond an EMPTY one, out of the key's probe chain. */
@@ -238,8 +297,9 @@ int shm_put(shm_view_t *v, uint32_t si, const shm_key_t *k, const shm_val_t *val
         }
     }
     if (noff == SHM_NIL) {
-        sh->n_full++;
-        return SHM_FULL;
+        if (st == SHM_OK) st = SHM_FULL;
+        if (st == SHM_FULL) sh->n_full++;
+        return st;
     }
     SHM_CRASH_POINT(SET_ALLOCATED);
     it = (shm_item_t *)(ar + noff);
@@ -254,10 +314,10 @@ int shm_put(shm_view_t *v, uint32_t si, const shm_key_t *k, const shm_val_t *val
     /* Publish: one 8-byte store is the commit point of the write. */
     shm_seq_begin(&sh->seq);
     if (pos >= 0) {
-        shm_store_rlx(&ix[pos], (k->h & SHM_SLOT_TAGMASK) | (noff + 8));
+        shm_store_rlx(&ix[pos], shm_slot_tag(k->h) | (noff + 8));
     } else {
         if ((ix[ins] & SHM_SLOT_OFFMASK) == SHM_SLOT_TOMB) sh->tombs--;
-        shm_store_rlx(&ix[ins], (k->h & SHM_SLOT_TAGMASK) | (noff + 8));
+        shm_store_rlx(&ix[ins], shm_slot_tag(k->h) | (noff + 8));
         sh->count++;
     }
     SHM_CRASH_POINT(SET_PUBLISHED);
@@ -348,7 +408,8 @@ int shm_set_expiry(shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t expi
 
 void shm_clear_shard(shm_view_t *v, uint32_t si) {
     shm_shard_t *sh = shm_shard(v, si);
-    uint64_t *ix = shm_index(v, si);
+    shm_ix_t g = shm_ix(v, si);
+    uint64_t *ix = g.ix;
     shm_seq_begin(&sh->seq);
     /* Index first (slot by slot, each store atomic), then the arena: a crash
      * in between leaves unreferenced blocks, which the repair frees.  Two
@@ -356,11 +417,11 @@ void shm_clear_shard(shm_view_t *v, uint32_t si) {
      * leaves an entry behind an EMPTY slot of its probe chain (unreachable,
      * yet counted: the repair trusts the index); only then, with no entry
      * left, do the tombstones become EMPTY. */
-    for (uint32_t i = 0; i < v->slots; i++) {
+    for (uint32_t i = 0; i < g.slots; i++) {
         if ((ix[i] & SHM_SLOT_OFFMASK) != SHM_SLOT_EMPTY) shm_store_rlx(&ix[i], SHM_SLOT_TOMB);
-        if (i == v->slots / 2) SHM_CRASH_POINT(CLEAR_HALF);
+        if (i == g.slots / 2) SHM_CRASH_POINT(CLEAR_HALF);
     }
-    for (uint32_t i = 0; i < v->slots; i++) shm_store_rlx(&ix[i], SHM_SLOT_EMPTY);
+    for (uint32_t i = 0; i < g.slots; i++) shm_store_rlx(&ix[i], SHM_SLOT_EMPTY);
     shm_seq_end(&sh->seq);
     sh->top = 0;
     sh->binmap = 0;
@@ -370,9 +431,10 @@ void shm_clear_shard(shm_view_t *v, uint32_t si) {
 }
 
 int shm_reap_shard(shm_view_t *v, uint32_t si, uint32_t owner, shm_recbuf_t *b, int delete_, long *n) {
-    uint64_t *ix = shm_index(v, si);
+    shm_ix_t g = shm_ix(v, si);
+    uint64_t *ix = g.ix;
     char *ar = shm_arena(v, si);
-    for (uint32_t i = 0; i < v->slots; i++) {
+    for (uint32_t i = 0; i < g.slots; i++) {
         uint64_t off = ix[i] & SHM_SLOT_OFFMASK;
         const shm_item_t *it;
         if (off <= SHM_SLOT_TOMB || !shm_item_ok(v, ar, off - 8)) continue;

@@ -65,7 +65,7 @@ static int fz_open(fz_state_t *s, fz_in_t *in) {
     uint8_t g = fz_u8(in), f = fz_u8(in);
     uint32_t shards = 1u << (g >> 4 & 3);
     memset(&s->m, 0, sizeof s->m);
-    if (th_open(&s->t, caps[g & 3], mems[g >> 2 & 3], shards, f & 1) != 0) return -1;
+    if (th_open_grow(&s->t, caps[g & 3], mems[g >> 2 & 3], shards, f & 1, (f >> 1) & 1) != 0) return -1;
     s->m.now = 1000;
     for (unsigned i = 0; i < FZ_NKEYS; i++) {
         uint32_t n = fz_klens[i % 6];
@@ -256,11 +256,16 @@ static void fz_exec(fz_state_t *s, const fz_op_t *o, int *st, long long *res, sh
         *res = (long long)count;
         break;
     }
-    case FZ_REBUILD:
-        shm_seq_begin(&shm_shard(v, o->shard)->seq);
-        *st = shm_rebuild_index(v, o->shard, 0);
-        shm_seq_end(&shm_shard(v, o->shard)->seq);
+    case FZ_REBUILD: {
+        /* Index resize (same size, or the next size up) or compaction. */
+        uint64_t released = 0;
+        shm_ix_t g = shm_ix(v, o->shard);
+        if (o->flag & 1) *st = shm_compact_shard(v, o->shard, (o->flag >> 1) & 1, &released);
+        else *st = shm_resize_index(v, o->shard, (o->flag & 2) ? shm_grown_slots(v, g.slots) : g.slots);
+        if (*st == SHM_OK) *st = 0;
+        else if (*st == SHM_FULL && !(o->flag & 1)) *st = 0;   /* too many entries for that size: refused, unchanged */
         break;
+    }
     case FZ_REPAIR: *st = shm_repair_shard(v, o->shard); break;
     default: *st = SHM_OK; break;
     }
@@ -401,7 +406,7 @@ static int64_t fz_apply(fz_state_t *s, fz_model_t *m, const fz_op_t *o, int st, 
         return -1;
     }
     case FZ_REBUILD: case FZ_REPAIR:
-        if (strict && st != 0) FZ_FAIL("rebuild/repair of a healthy shard: %d", st);
+        if (strict && st != 0) FZ_FAIL("resize/compact/repair of a healthy shard: %d", st);
         return -1;
     default:
         return -1;

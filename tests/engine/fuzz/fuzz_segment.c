@@ -63,7 +63,7 @@ static void patch(th_table_t *t, in_t *in) {
     case 0: at = base; room = SHM_HEADER_SIZE; off = u16(in) % 512; break;
     case 1: at = base + t->plan.procs_off; room = 4 * sizeof(shm_proc_t); off = u16(in) % room; break;
     case 2: at = (char *)shm_shard(&t->v, si); room = sizeof(shm_shard_t); off = u16(in) % room; break;
-    case 3: at = (char *)shm_index(&t->v, si); room = (size_t)t->plan.slots * 8; off = (u16(in) % t->plan.slots) * 8; break;
+    case 3: at = (char *)shm_ix(&t->v, si).ix; room = (size_t)t->plan.slots * 8; off = (u16(in) % t->plan.slots) * 8; break;
     case 4: at = shm_arena(&t->v, si); room = t->plan.arena_size; off = u16(in) % room; break;
     default: at = base; room = t->plan.total_size; off = u32(in) % room; break;
     }
@@ -149,7 +149,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint8_t g = u8(&in), how = u8(&in);
     int pidfds[SHM_NPROCS];
     uint32_t gens[SHM_NPROCS];
-    if (th_open(&t, caps[g & 3], 4096u << (g >> 2 & 1), 1u << (g >> 3 & 3), (g >> 5) & 1) != 0) return 0;
+    if (th_open_grow(&t, caps[g & 3], 4096u << (g >> 2 & 1), 1u << (g >> 3 & 3), (g >> 5) & 1, (g >> 6) & 1) != 0)
+        return 0;
     prefill(&t, how);
     save_or_restore_locks(&t, locks, 0);
     for (int n = 0; in.i < in.n && n < 64; n++) patch(&t, &in);

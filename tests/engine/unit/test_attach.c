@@ -5,14 +5,14 @@
 TEST(plan_refuses_impossible_geometry) {
     shm_plan_t p;
     const char *why = NULL;
-    CHECK_EQ(shm_plan(0, 4096, 0, &p, &why), -1);
+    CHECK_EQ(shm_plan(0, 4096, 0, 0, &p, &why), -1);
     CHECK(why != NULL);
-    CHECK_EQ(shm_plan(10, 100, 0, &p, &why), -1);
-    CHECK_EQ(shm_plan(10, 4096, 3, &p, &why), -1);
-    CHECK_EQ(shm_plan(10, 4096, 2048, &p, &why), -1);
-    CHECK_EQ(shm_plan(1ULL << 50, 4096, 0, &p, &why), -1);
-    CHECK_EQ(shm_plan(10, 1ULL << 40, 1, &p, &why), -1);
-    CHECK_EQ(shm_plan(1000, 1 << 20, 0, &p, &why), 0);
+    CHECK_EQ(shm_plan(10, 100, 0, 0, &p, &why), -1);
+    CHECK_EQ(shm_plan(10, 4096, 3, 0, &p, &why), -1);
+    CHECK_EQ(shm_plan(10, 4096, 2048, 0, &p, &why), -1);
+    CHECK_EQ(shm_plan(1ULL << 50, 4096, 0, 0, &p, &why), -1);
+    CHECK_EQ(shm_plan(10, 1ULL << 40, 1, 0, &p, &why), -1);
+    CHECK_EQ(shm_plan(1000, 1 << 20, 0, 0, &p, &why), 0);
     CHECK(p.nshards >= 1 && (p.nshards & (p.nshards - 1)) == 0);
     CHECK(p.max_fill < p.slots);
     CHECK_EQ(p.total_size % 4096, 0);
@@ -69,7 +69,7 @@ TEST(attach_fills_the_view_from_checked_values) {
     th_table_t t;
     CHECK(th_open(&t, 100, 65536, 4, 1) == 0);
     CHECK_EQ(t.v.nsh, 4);
-    CHECK_EQ(t.v.slots, t.plan.slots);
+    CHECK_EQ(t.v.max_slots, t.plan.slots);
     CHECK_EQ(t.v.arena_size, t.plan.arena_size);
     CHECK(t.v.mark_clock);
     CHECK((char *)shm_arena(&t.v, 3) + t.v.arena_size == t.mem + t.plan.arena_off + 4 * t.plan.arena_size);

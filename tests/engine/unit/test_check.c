@@ -4,7 +4,8 @@
 
 enum { C_SEQ_ODD = 1, C_WALK, C_TOP, C_SLOT_NOT_BLOCK, C_SLOT_FREE, C_SLOT_DUP, C_LENGTHS, C_WRONG_SHARD,
        C_UNREACHABLE, C_LEAK, C_COUNT, C_TOMBS, C_USED, C_LIST_BAD, C_LIST_CYCLE, C_FREE_UNLISTED, C_NTTL,
-       C_FLAGS, C_TYPES, C_WRONG_LIST, C_NOMEM, C_NOWNED, C_OWNER, C_BINMAP, C_ITEM_FLAGS };
+       C_FLAGS, C_TYPES, C_WRONG_LIST, C_NOMEM, C_NOWNED, C_OWNER, C_BINMAP, C_ITEM_FLAGS, C_GEOM, C_CAP,
+       C_TOP_CAP };
 
 static char kb[64][16];
 
@@ -44,13 +45,13 @@ static int code_after(void (*corrupt)(th_table_t *, const uint64_t *, const int6
 }
 
 #define SH(t) shm_shard(&(t)->v, 0)
-#define IX(t) shm_index(&(t)->v, 0)
+#define IX(t) shm_ix(&(t)->v, 0).ix
 #define IT(t, off) ((shm_item_t *)(shm_arena(&(t)->v, 0) + (off)))
 #define CORRUPTION(name, body) \
     static void name(th_table_t *t, const uint64_t *o, const int64_t *s) { (void)o; (void)s; body; }
 
 CORRUPTION(c_seq, SH(t)->seq |= 1)
-CORRUPTION(c_flags, SH(t)->flags = SHM_SHARD_REBUILDING)
+CORRUPTION(c_flags, SH(t)->flags = 1)
 CORRUPTION(c_top, SH(t)->top = t->v.arena_size + 64)
 CORRUPTION(c_walk, IT(t, o[3])->size = 16)
 CORRUPTION(c_not_block, IX(t)[s[3]] += 8)
@@ -73,6 +74,10 @@ CORRUPTION(c_free_unlisted, for (int b = 0; b < SHM_NBINS; b++) SH(t)->bins[b] =
 CORRUPTION(c_wrong_list, int b = (int)shm_bin_of(IT(t, o[5])->size); SH(t)->bins[b + 1] = SH(t)->bins[b];
            SH(t)->bins[b] = SHM_NIL; SH(t)->binmap |= 1ULL << (b + 1))
 CORRUPTION(c_binmap, SH(t)->binmap = 0)
+CORRUPTION(c_geom, SH(t)->geom = 4)
+CORRUPTION(c_geom_sel, SH(t)->geom |= 1ULL << 40)
+CORRUPTION(c_cap, SH(t)->arena_cap = SHM_PAGE + 8)
+CORRUPTION(c_top_cap, SH(t)->arena_cap = 0)
 
 TEST(check_catches_each_corruption) {
     CHECK_EQ(code_after(c_seq), C_SEQ_ODD);
@@ -101,6 +106,10 @@ TEST(check_catches_each_corruption) {
     CHECK_EQ(code_after(c_free_unlisted), C_FREE_UNLISTED);
     CHECK_EQ(code_after(c_wrong_list), C_WRONG_LIST);
     CHECK_EQ(code_after(c_binmap), C_BINMAP);
+    CHECK_EQ(code_after(c_geom), C_GEOM);
+    CHECK_EQ(code_after(c_geom_sel), C_GEOM);
+    CHECK_EQ(code_after(c_cap), C_CAP);
+    CHECK_EQ(code_after(c_top_cap), C_TOP_CAP);
 }
 
 TEST(check_catches_an_item_in_the_wrong_shard) {
@@ -118,7 +127,7 @@ TEST(check_catches_an_item_in_the_wrong_shard) {
 }
 
 TEST(check_codes_all_have_messages) {
-    CHECK_EQ(shm_check_code_count(), C_ITEM_FLAGS);
+    CHECK_EQ(shm_check_code_count(), C_TOP_CAP);
     for (int c = 1; c <= shm_check_code_count(); c++)
         CHECK(strncmp(shm_check_message(c), "unknown", 7) != 0);
 }

@@ -10,7 +10,7 @@ static shm_key_t key_n(const th_table_t *t, unsigned i) {
 }
 
 static uint32_t home(const th_table_t *t, const shm_key_t *k) {
-    return (uint32_t)(((k->h & 0xffffffffULL) * t->v.slots) >> 32);
+    return shm_slot_home(shm_slot_tag(k->h), shm_ix(&t->v, 0).slots);
 }
 
 /* Key numbers i >= from whose home slot is want (in shard 0 of a 1-shard table). */
@@ -77,16 +77,16 @@ TEST(index_tombstone_only_inside_a_probe_chain) {
     /* a's slot has b after it: a tombstone keeps b reachable. */
     CHECK_EQ(shm_remove(&t.v, 0, &ka, 1, 0, NULL), SHM_OK);
     CHECK_EQ(sh->tombs, 1);
-    CHECK_EQ(shm_index(&t.v, 0)[10], SHM_SLOT_TOMB);
+    CHECK_EQ(shm_ix(&t.v, 0).ix[10], SHM_SLOT_TOMB);
     CHECK(th_get(&t, &kb, &n) != NULL);
     /* b's slot ends the chain: it becomes empty. */
     CHECK_EQ(shm_remove(&t.v, 0, &kb, 1, 0, NULL), SHM_OK);
     CHECK_EQ(sh->tombs, 1);
-    CHECK_EQ(shm_index(&t.v, 0)[11], SHM_SLOT_EMPTY);
+    CHECK_EQ(shm_ix(&t.v, 0).ix[11], SHM_SLOT_EMPTY);
     /* An insert reuses the tombstone. */
     CHECK_EQ(th_set(&t, &ka, "a2", 2), SHM_OK);
     CHECK_EQ(sh->tombs, 0);
-    CHECK((shm_index(&t.v, 0)[10] & SHM_SLOT_OFFMASK) > SHM_SLOT_TOMB);
+    CHECK((shm_ix(&t.v, 0).ix[10] & SHM_SLOT_OFFMASK) > SHM_SLOT_TOMB);
     CHECK_ALL_OK(&t);
     th_close(&t);
 }
@@ -98,7 +98,7 @@ TEST(index_probe_wraps_around) {
     size_t n;
     uint32_t last;
     CHECK(th_open(&t, 64, 65536, 1, 0) == 0);
-    last = t.v.slots - 1;
+    last = shm_ix(&t.v, 0).slots - 1;
     a = key_with_home(&t, last, 0);
     b = key_with_home(&t, last, a + 1);
     c = key_with_home(&t, last, b + 1);
@@ -109,18 +109,16 @@ TEST(index_probe_wraps_around) {
     CHECK_EQ(th_set(&t, &ka, "a", 1), SHM_OK);
     CHECK_EQ(th_set(&t, &kb, "b", 1), SHM_OK);
     CHECK_EQ(th_set(&t, &kc, "c", 1), SHM_OK);
-    CHECK((shm_index(&t.v, 0)[0] & SHM_SLOT_OFFMASK) > SHM_SLOT_TOMB);
-    CHECK((shm_index(&t.v, 0)[1] & SHM_SLOT_OFFMASK) > SHM_SLOT_TOMB);
+    CHECK((shm_ix(&t.v, 0).ix[0] & SHM_SLOT_OFFMASK) > SHM_SLOT_TOMB);
+    CHECK((shm_ix(&t.v, 0).ix[1] & SHM_SLOT_OFFMASK) > SHM_SLOT_TOMB);
     CHECK_ALL_OK(&t);
     CHECK_EQ(shm_remove(&t.v, 0, &ka, 1, 0, NULL), SHM_OK);
-    CHECK_EQ(shm_index(&t.v, 0)[last], SHM_SLOT_TOMB);   /* next slot (0) is in use */
+    CHECK_EQ(shm_ix(&t.v, 0).ix[last], SHM_SLOT_TOMB);   /* next slot (0) is in use */
     CHECK(th_get(&t, &kb, &n) != NULL && n == 1);
     CHECK(th_get(&t, &kc, &n) != NULL && n == 1);
     CHECK_ALL_OK(&t);
     /* A rebuild re-places them, wrapping again. */
-    shm_seq_begin(&shm_shard(&t.v, 0)->seq);
-    CHECK_EQ(shm_rebuild_index(&t.v, 0, 0), 0);
-    shm_seq_end(&shm_shard(&t.v, 0)->seq);
+    CHECK_EQ(shm_resize_index(&t.v, 0, shm_ix(&t.v, 0).slots), SHM_OK);
     CHECK_EQ(shm_shard(&t.v, 0)->tombs, 0);
     CHECK(th_get(&t, &kc, &n) != NULL);
     CHECK_ALL_OK(&t);
@@ -147,9 +145,7 @@ TEST(index_rebuild_keeps_clock_bits_and_drops_tombstones) {
         shm_key_t k = key_n(&t, i);
         CHECK_EQ(shm_remove(&t.v, 0, &k, 1, 0, NULL), SHM_OK);
     }
-    shm_seq_begin(&shm_shard(&t.v, 0)->seq);
-    CHECK_EQ(shm_rebuild_index(&t.v, 0, 0), 0);
-    shm_seq_end(&shm_shard(&t.v, 0)->seq);
+    CHECK_EQ(shm_resize_index(&t.v, 0, shm_ix(&t.v, 0).slots), SHM_OK);
     CHECK_EQ(shm_shard(&t.v, 0)->tombs, 0);
     CHECK_EQ(shm_shard(&t.v, 0)->count, 20);
     for (unsigned i = 0; i < 30; i++) {
@@ -157,7 +153,7 @@ TEST(index_rebuild_keeps_clock_bits_and_drops_tombstones) {
         pos = shm_find(&t.v, 0, &k, &off, &ins);
         if (i % 3 == 1) { CHECK_EQ(pos, -1); continue; }
         CHECK(pos >= 0);
-        CHECK_EQ(!!(shm_index(&t.v, 0)[pos] & SHM_SLOT_CLOCK), i % 3 == 0);
+        CHECK_EQ(!!(shm_ix(&t.v, 0).ix[pos] & SHM_SLOT_CLOCK), i % 3 == 0);
         CHECK_EQ(((shm_item_t *)(shm_arena(&t.v, 0) + off))->flags, SHM_BLOCK_USED);
     }
     CHECK_ALL_OK(&t);
@@ -177,7 +173,7 @@ TEST(index_fill_limit_rebuilds_or_reports_full) {
         CHECK_EQ(st, SHM_OK);
         n++;
     }
-    CHECK_EQ(n, t.v.max_fill);
+    CHECK_EQ(n, shm_ix(&t.v, 0).max_fill);
     CHECK(sh->n_full > 0);
     /* Churn: delete the oldest, insert a new key; tombstones pile up until
      * an insert rebuilds the index. */
@@ -204,7 +200,7 @@ TEST(index_expired_entries_make_room_without_evict) {
         if (st != SHM_OK) break;
         n++;
     }
-    CHECK_EQ(n, t.v.max_fill);
+    CHECK_EQ(n, shm_ix(&t.v, 0).max_fill);
     {
         /* At now=200 they are all expired: an insert purges instead of failing. */
         shm_key_t k = key_n(&t, 3000);

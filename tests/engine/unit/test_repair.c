@@ -36,20 +36,21 @@ static int same(const mval_t *a, const mval_t *b) {
     return !a->present || (a->n == b->n && memcmp(a->v, b->v, a->n) == 0);
 }
 
-enum { OP_PUT, OP_DEL, OP_CTR, OP_CLEAR };
+enum { OP_PUT, OP_DEL, OP_CTR, OP_CLEAR, OP_COMPACT };
 
 /* Step i of the workload: which op on which key, and the value it writes. */
 static int plan_op(int mode, unsigned i, unsigned *key, mval_t *val) {
     int op;
     if (i % 197 == 196) op = OP_CLEAR;
+    else if (i % 53 == 52) op = OP_COMPACT;
     else if (i % 6 == 4) op = OP_DEL;
     else if (i % 6 == 5) op = OP_CTR;
     else op = OP_PUT;
     /* mode 0: 24 keys, values up to 400 bytes (the arena fills: coalescing);
      * mode 1: 120 keys, small values (the index fills: rebuilds). */
-    *key = op == OP_CTR ? NKEYS : ((i * 2654435761u) >> 11) % (mode ? NKEYS : 24);
+    *key = op == OP_CTR ? NKEYS : ((i * 2654435761u) >> 11) % (mode & 1 ? NKEYS : 24);
     val->present = 1;
-    val->n = mode == 0 || i % 5 == 0 ? (i * 37) % VMAX : i % 17;
+    val->n = !(mode & 1) || i % 5 == 0 ? (i * 37) % VMAX : i % 17;
     for (size_t j = 0; j < val->n; j++) val->v[j] = (unsigned char)(i + j);
     return op;
 }
@@ -66,6 +67,9 @@ static int do_op(th_table_t *t, int op, unsigned key, const mval_t *val, int *st
     } else if (op == OP_CTR) {
         long long r;
         *st = shm_counter_add(&t->v, 0, &k, 3, 100, 0, 1, &r);
+    } else if (op == OP_COMPACT) {
+        uint64_t released;
+        *st = shm_compact_shard(&t->v, 0, 1, &released);
     } else {
         shm_clear_shard(&t->v, 0);
         *st = SHM_OK;
@@ -93,7 +97,8 @@ static int run_with_death(int mode, int point, long count) {
     int result = 0;
     long long ctr = 0;
     memset(&m, 0, sizeof m);
-    if (th_open(&t, 16, 4096, 1, 0) != 0) return -1;
+    /* mode bit 1: a table that starts small and grows (index and arena). */
+    if ((mode & 2 ? th_open_grow(&t, 64, 16384, 1, 0, 1) : th_open(&t, 16, 4096, 1, 0)) != 0) return -1;
     th_deaths_on();
     th_death_point = -1;
     shm_crash_arm(point, count, 0);
@@ -167,9 +172,9 @@ TEST(repair_after_death_at_every_crash_point) {
     static const long counts[] = { 1, 2, 3, 5, 8, 13, 40 };
     for (int p = 0; p < SHM_CP_COUNT; p++) {
         int reached = 0;
-        for (size_t c = 0; c < 2 * sizeof counts / sizeof counts[0]; c++) {
-            int r = run_with_death(c & 1, p, counts[c / 2]);
-            if (r < 0) FAILF("crash point %s, hit %ld, mode %d", shm_crash_names[p], counts[c / 2], (int)(c & 1));
+        for (size_t c = 0; c < 4 * sizeof counts / sizeof counts[0]; c++) {
+            int r = run_with_death(c & 3, p, counts[c / 4]);
+            if (r < 0) FAILF("crash point %s, hit %ld, mode %d", shm_crash_names[p], counts[c / 4], (int)(c & 3));
             CHECK(r >= 0);
             reached += r;
         }
@@ -209,7 +214,7 @@ TEST(repair_refuses_an_index_slot_that_points_nowhere) {
     pos = shm_find(&t.v, 0, &k, &off, &ins);
     CHECK(pos >= 0);
     /* Not something a death can leave: a slot into the middle of a block. */
-    shm_index(&t.v, 0)[pos] += 8;
+    shm_ix(&t.v, 0).ix[pos] += 8;
     CHECK_EQ(shm_repair_shard(&t.v, 0), SHM_CORRUPT);
     th_close(&t);
 }

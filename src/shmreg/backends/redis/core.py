@@ -358,6 +358,10 @@ class RedisCore:
         their values); returns how many."""
         return int(self._run(self._s.purge, self._idx))
 
+    def _compact(self, force: bool) -> int:
+        # The server manages its own memory: nothing to give back from here.
+        return 0
+
     def clear(self) -> None:
         """Delete every entry (in pages of 512; not one atomic step)."""
         while self._run(self._s.clear, self._idx, _PAGE):

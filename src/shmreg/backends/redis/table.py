@@ -43,11 +43,13 @@ class RedisTable(TableSurface, RedisCore):
         server can then run code in your processes; ``False`` returns them
         as :class:`~shmreg.PickledValue`.
     :param capacity: accepted for compatibility; a hint only (the
-        server's ``maxmemory`` is the limit).
+        server's ``maxmemory`` is the limit).  ``memory``, ``shards``,
+        ``grow``, ``mode`` and ``trust`` are accepted and ignored.
     """
 
     def __init__(self, name: str, *, url: str, capacity: int | None = None,
-                 memory: int | None = None, shards: int | None = None, mode: int = 0o600,
+                 memory: int | None = None, shards: int | None = None,
+                 grow: bool | None = None, mode: int = 0o600,
                  trust: Trust | None = None, clock: Callable[[], float] | None = None,
                  strict: bool = False, lease_ttl: float = DEFAULT_LEASE_TTL,
                  unpickle: bool = True, _how: str = "auto", _clock_bits: bool = False) -> None:
@@ -127,6 +129,10 @@ class RedisTable(TableSurface, RedisCore):
         return self._capacity or DEFAULT_CAPACITY
 
     # -- introspection ---------------------------------------------------------
+
+    def compact(self, *, force: bool = False) -> int:
+        """Nothing to do: the server manages its memory (returns 0)."""
+        return self._compact(force)
 
     def stats(self) -> dict:
         """Usage and this process's counters.  ``bytes_used``/``bytes_free``
