@@ -179,11 +179,50 @@ def test_invalidation_latency(url):
         shutil.rmtree(host_b, ignore_errors=True)
 
 
+WRITER = """
+    import sys, time, redis
+    r = redis.Redis(unix_socket_path=sys.argv[1])
+    prefix, seconds = sys.argv[2].encode(), float(sys.argv[3])
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        p = r.pipeline(transaction=False)
+        for i in range(500):
+            p.set(prefix + b"s%d" % ((n + i) % 100000), b"x")
+        p.execute()
+        n += 500
+    print(n, flush=True)
+    """
+
+
+def test_agent_keeps_up_with_a_fast_writer(server, url):
+    """A writer pipelining plain SETs on the table's keys at full speed for
+    3 s: the agent must handle every invalidation without missing a
+    heartbeat (no flush)."""
+    c = shmreg.Cache(bc.unique_table_name("near-rate"), url=url, near=True)
+    try:
+        deadline = time.monotonic() + 10
+        while c.table.near_stats()["near_state"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        before = c.table.near_stats()
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(WRITER), server.socket,
+                              c.table._t._kp.decode(), "3"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        writes = int(out.stdout.split()[0])
+        time.sleep(0.5)
+        after = c.table.near_stats()
+        RESULTS["agent rate"] = (writes / 3, after["near_invalidations"] - before["near_invalidations"],
+                                 after["near_flushes"] - before["near_flushes"])
+    finally:
+        c.unlink()
+        c.close()
+
+
 def test_zz_summary():
     """Print the medians and ratios (runs last in this file)."""
     lines = ["", f"near cache reads, us per read (min / median of calls of {OPS}):"]
     for who, v in RESULTS.items():
-        if who != "invalidation":
+        if who not in ("invalidation", "agent rate"):
             mn, med = v
             lines.append(f"  {who:<22} {mn:8.3f} / {med:8.3f}")
     if "near hit" in RESULTS:
@@ -197,5 +236,9 @@ def test_zz_summary():
         p50, p99, w = RESULTS["invalidation"]
         lines.append(f"  invalidation, write on A to eviction on B: p50 {p50:.3f} ms, "
                      f"p99 {p99:.3f} ms (the write itself: {w:.3f} ms median)")
+    if "agent rate" in RESULTS:
+        rate, inv, fl = RESULTS["agent rate"]
+        lines.append(f"  agent vs a pipelined writer: {rate:,.0f} writes/s for 3 s, "
+                     f"{inv:,} keys invalidated, {fl} flushes")
     print("\n".join(lines))
     bc.NOTES.extend(lines)
