@@ -5,7 +5,8 @@ table and agent) runs an idle process that becomes its agent, a writer and
 a reader, all with ``near=True``.  Host A's writer owns the even keys, host
 B's the odd ones; every value is the key's version, and a writer records
 the time each write was acknowledged.  Meanwhile the test cuts the agents'
-connections (``CLIENT KILL``), pauses the server (``CLIENT PAUSE``),
+connections (``CLIENT KILL``, once, then four times at random moments),
+pauses the server (``CLIENT PAUSE``),
 SIGKILLs host A's agent, and restarts the server (the node of the table's
 slot, in the Cluster).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -211,6 +213,15 @@ def run_scenario(name: str, url: str, admin, restart) -> None:
                 killed += 1
         assert killed >= 2
         settle("client kill", e)
+        # 1b. Kills at random moments, the next before the agents recovered.
+        e = epochs()
+        rng = random.Random()
+        for _ in range(4):
+            time.sleep(rng.uniform(0.02, 0.4))
+            for c in admin():
+                for cl in near_clients(c):
+                    c.client_kill_filter(_id=cl["id"])
+        settle("random client kills", e)
         # 2. CLIENT PAUSE of every node, longer than the heartbeat timeout.
         e = epochs()
         for c in admin():
