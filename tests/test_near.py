@@ -270,11 +270,15 @@ def test_agent_death_disables_at_once_and_another_takes_over(server):
         c = shmreg.Cache(name, url=server.url, near=True, ttl=60)
         c.set("x", "X")
         filled(c, "x", "X")                 # owned by the child's agent
+        epoch = c.table.ctl.get("ready") >> 32
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
-        # Its entries vanish with it, before any other process notices.
+        # Its entries vanish with it, before any other process notices, and
+        # its "ready" with them (unless this process's candidate already
+        # took over: then in a later epoch).
         assert c.table.near.get("x") is None
-        assert c.table.ctl.get("ready") is None
+        r = c.table.ctl.get("ready")
+        assert r is None or r >> 32 > epoch
         st = ready(c)                       # this process's candidate takes over
         assert st["near_agent_pid"] == os.getpid()
         filled(c, "x", "X")
@@ -347,3 +351,53 @@ def test_shmreg_stat_shows_the_hosts_near_cache(near, server):
     prom = near_prometheus_text(c.table._t)
     assert f'shmreg_near_ready{{table="{c.name}"}} 1' in prom
     assert "# TYPE shmreg_near_flushes_total counter" in prom
+
+
+def _move_slot(nodes, slot, src, dst):
+    """Migrate ``slot`` (and its keys) from node ``src`` to node ``dst``."""
+    ids = {n: n.client().execute_command("CLUSTER", "MYID") for n in nodes}
+    ids = {n: (i.decode() if isinstance(i, bytes) else i) for n, i in ids.items()}
+    s, d = src.client(), dst.client()
+    d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+    s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+    while True:
+        keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 500)
+        if not keys:
+            break
+        s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+    for n in [dst, src] + [n for n in nodes if n not in (src, dst)]:
+        n.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+
+
+def test_a_moved_slot_flushes_and_tracking_follows_it(redis_cluster):
+    """The table's slot migrates to another master: the agent's heartbeat
+    gets MOVED, it flushes, and re-establishes tracking on the new master
+    (whose writes it then sees)."""
+    name = unique_name("near")
+    c = shmreg.Cache(name, url=redis_cluster.url, near=True, ttl=60)
+    other = shmreg.Cache(name, url=redis_cluster.url, ttl=60)
+    nodes = redis_cluster.nodes
+    slot = nodes[0].client().execute_command("CLUSTER", "KEYSLOT", c.table._p)
+    ranges = [(0, 5460), (5461, 10922), (10923, 16383)]
+    home = next(n for n, (lo, hi) in zip(nodes, ranges) if lo <= slot <= hi)
+    away = next(n for n in nodes if n is not home)
+    moved = False
+    try:
+        epoch = ready(c)["near_epoch"]
+        other.set("m", 1)
+        filled(c, "m", 1)
+        _move_slot(nodes, slot, home, away)
+        moved = True
+        st = ready(c, after_epoch=epoch)
+        assert "MOVED" in st["near_last_doubt"]
+        assert c.get("m") == 1
+        filled(c, "m", 1)
+        other.set("m", 2)                  # written on the new master
+        wait_until(lambda: c.table.near.get("m") is None, 5, "the invalidation from the new master")
+        assert c.get("m") == 2
+    finally:
+        if moved:
+            _move_slot(nodes, slot, away, home)
+        other.close()
+        c.unlink()
+        c.close()
