@@ -401,3 +401,39 @@ def test_a_moved_slot_flushes_and_tracking_follows_it(redis_cluster):
         other.close()
         c.unlink()
         c.close()
+
+
+def test_a_paused_agent_is_withdrawn_by_a_candidate(redis_server):
+    """The agent's process is SIGSTOPped: it lives (its entries stay
+    visible) but reads no invalidations.  This process's candidate sees its
+    heartbeats stop, withdraws it and empties the table; after SIGCONT the
+    agent starts over."""
+    name = unique_name("near")
+    url = redis_server.url
+    child = spawn_py(AGENT, name, url)
+    try:
+        assert child.stdout.readline().strip() == "started"
+        wait_until(lambda: (near_status(name, url) or {}).get("near_state") == "ready",
+                   10, "the child to be the agent")
+        c = shmreg.Cache(name, url=url, near=True, ttl=60)
+        other = shmreg.Cache(name, url=url, ttl=60)
+        other.set("s", 1)
+        filled(c, "s", 1)
+        epoch = c.table.near_stats()["near_epoch"]
+        os.kill(child.pid, signal.SIGSTOP)
+        other.set("s", 2)                 # nobody reads this invalidation
+        wait_until(lambda: c.get("s") == 2, 10, "the stalled agent's withdrawal")
+        st = c.table.near_stats()
+        assert st["near_state"] == "down" and "stalled" in st["near_last_doubt"]
+        assert c.table.near.get("s") is None
+        os.kill(child.pid, signal.SIGCONT)
+        st = ready(c, after_epoch=epoch)
+        assert st["near_agent_pid"] == child.pid
+        filled(c, "s", 2)
+        other.close()
+        c.unlink()
+        c.close()
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        stop_process_tree(child)
+        child.communicate(timeout=10)

@@ -25,6 +25,11 @@ The agent's loop (each step is why the near cache may serve):
 Any doubt - the connection lost or killed, a heartbeat reply or
 invalidation late (``CLIENT PAUSE``, a failover), an error reply such as
 ``MOVED`` - goes back to step 1 (a *flush*) and retries with backoff.
+
+The candidates watch the agent: if its heartbeat count stops moving for
+:data:`STALL_TIMEOUT` while it is ready (its process SIGSTOPped, or its
+thread starved of the GIL), one of them withdraws ``ready`` and empties the
+table; the agent, when it runs again, finds ``ready`` gone and starts over.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ __all__ = ["Agent"]
 ELECTION_POLL = 0.05
 HEARTBEAT_INTERVAL = 0.1
 HEARTBEAT_TIMEOUT = 0.5
+#: A live agent whose heartbeat count has not moved for this long (its
+#: process SIGSTOPped, or its thread starved) is taken off by a candidate.
+STALL_TIMEOUT = 1.0
 _COUNTERS_EVERY = 0.1
 _BACKOFF_MAX = 1.0
 
@@ -72,6 +80,7 @@ class Agent:
         self._next_counters = 0.0
         self._hb_seq = 0
         self._hb_seen = False
+        self._seen: tuple | None = None      # (heartbeats, ready, since) as a candidate saw them
 
     def start(self) -> None:
         """Start the candidate thread (a daemon)."""
@@ -101,11 +110,37 @@ class Agent:
                         self.is_agent = False
                         self._down()
                         self.ctl._delete_owned("agent", self.ctl._self_owner_id)
+                else:
+                    self._watch_agent()
             except ValueError:
                 return        # a table closed under us: this process stops using the cache
             except Exception:  # noqa: BLE001 - a candidate must never die of one bad moment
                 pass
             self._stop.wait(ELECTION_POLL)
+
+    def _watch_agent(self) -> None:
+        """A candidate's watch on the live agent: if its heartbeats stop
+        while it is ``ready`` (a paused process cannot read invalidations,
+        and its entries stay visible while it lives), withdraw ``ready`` and
+        empty the table.  The agent sees ``ready`` gone when it runs again
+        and re-establishes tracking."""
+        r = self.ctl.get("ready")
+        now = time.monotonic()
+        if r is None:
+            self._seen = None
+            return
+        hb = self.ctl.get("heartbeats", 0)
+        if self._seen is None or self._seen[:2] != (hb, r):
+            self._seen = (hb, r, now)
+            return
+        if now - self._seen[2] > STALL_TIMEOUT:
+            if self.ctl.get("ready") == r:
+                self.ctl.delete("ready")
+                self.near.clear()
+                self.ctl["last_doubt"] = (f"agent stalled: no heartbeat for {STALL_TIMEOUT} s "
+                                          "(withdrawn by a candidate)")
+                self.ctl.update_counter("flushes", 1)
+            self._seen = None
 
     # -- the agent ---------------------------------------------------------------------
 
@@ -206,7 +241,8 @@ class Agent:
         # Tracking is on and proven: anything filled before now goes.
         self.near.clear()
         epoch = self.ctl.update_counter("epoch", 1)
-        self.ctl.set("ready", (epoch << 32) | owner, owned=True)
+        ready = (epoch << 32) | owner
+        self.ctl.set("ready", ready, owned=True)
         next_hb = time.monotonic() + HEARTBEAT_INTERVAL
         while not self._stop.is_set():
             m = conn.read(max(0.0, next_hb - time.monotonic()))
@@ -218,6 +254,8 @@ class Agent:
             if self._pending["invalidations"]:
                 self._count("invalidations", 0, force=True)
             self._heartbeat_roundtrip()
+            if self.ctl.get("ready") != ready:
+                raise Doubt("ready was withdrawn (this agent had stalled)")
             next_hb = time.monotonic() + HEARTBEAT_INTERVAL
 
     def _heartbeat_roundtrip(self) -> None:
