@@ -68,7 +68,7 @@ def application(environ: dict, start_response: StartResponse) -> List[bytes]:
         before = c.table.near_hits if NEAR else 0
         value = c.get_or_set(key, lambda: compute(q["k"]))
         hit = NEAR and c.table.near_hits > before
-        return _reply(start_response, {"k": q["k"], "v": value},
+        return _reply(start_response, {"k": q["k"], "v": value, "pid": os.getpid()},
                       [("X-Near", "hit" if hit else "miss")])
     if path == "/set" and "k" in q and "v" in q:
         c.set("item:" + q["k"], q["v"])
