@@ -77,6 +77,10 @@ class Cache(MutableMapping[Any, T], Generic[T]):
         bound it with ttls (see ``docs/redis.md``).
     :param lease_ttl: with ``url``: how long a computing process that
         vanished (host down, partition) holds its single-flight mark.
+    :param near: with ``url``: keep hot entries in a near cache on this
+        host, one copy shared by every worker, kept coherent by the server's
+        invalidations (``docs/near-cache.md``).  ``True``, or a dict with
+        the local table's ``capacity`` and/or ``memory`` limits.
 
     >>> cache = Cache("doc-cache", ttl=60)
     >>> cache.get_or_set("answer", lambda: 6 * 7)
@@ -93,11 +97,17 @@ class Cache(MutableMapping[Any, T], Generic[T]):
     def __init__(self, name: str, *, ttl: float | None = 300.0, capacity: int | None = None,
                  memory: int | None = None, grow: bool | None = None, mode: int = 0o600,
                  trust: Trust | None = None, clock: Callable[[], float] | None = None,
-                 url: str | None = None, lease_ttl: float | None = None) -> None:
+                 url: str | None = None, lease_ttl: float | None = None,
+                 near: bool | dict = False) -> None:
         self.default_ttl = self._check_ttl(ttl)
         self._backend = backend_options(url, lease_ttl)
         self.table = Table(name, capacity=capacity, memory=memory, grow=grow, mode=mode,
                            trust=trust, clock=clock, _clock_bits=True, **self._backend)
+        if near:
+            from shmreg.backends.redis.near import near_table
+
+            # (It has every Table method the cache uses; the rest falls through.)
+            self.table = near_table(self.table, near)  # type: ignore[assignment]
         self._clock = clock
         self._flights: Table | None = None
         # Hits and misses are the table's per-process read counters (exact
@@ -282,6 +292,7 @@ class Cache(MutableMapping[Any, T], Generic[T]):
             "entries": s["entries"],
             "bytes_used": s["bytes_used"],
             "bytes_free": s["bytes_free"],
+            **{k: v for k, v in s.items() if k.startswith("near_")},
         }
 
     # -- single flight -----------------------------------------------------------

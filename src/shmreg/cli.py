@@ -178,9 +178,10 @@ def _cmd_stat(args: argparse.Namespace) -> int:
         if args.prometheus:
             from shmreg.metrics import prometheus_text
 
-            sys.stdout.write(prometheus_text(t))
+            sys.stdout.write(prometheus_text(t) + _near_prometheus(t))
             return EXIT_OK
         st = t.stats()
+        st.update(_near_status(t))
     # Per-process read counters mean nothing for a one-shot CLI process.
     for k in ("hits", "misses", "read_retries", "lock_fallbacks"):
         st.pop(k)
@@ -192,6 +193,23 @@ def _cmd_stat(args: argparse.Namespace) -> int:
             print(f"{k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool)
                   else f"{k:<{width}}  {v}")
     return EXIT_OK
+
+
+def _near_status(t: Any) -> dict:
+    # This host's near cache of a Redis table (docs/near-cache.md), if any.
+    if getattr(t, "url", None) is None:
+        return {}
+    from shmreg.backends.redis.near import host_near_status
+
+    return host_near_status(t)
+
+
+def _near_prometheus(t: Any) -> str:
+    if getattr(t, "url", None) is None:
+        return ""
+    from shmreg.backends.redis.near import near_prometheus_text
+
+    return near_prometheus_text(t)
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
