@@ -46,6 +46,10 @@ def test_cli_commands_against_a_url(redis_server):
         r = cli("stat", name, "--json", "--url", url)
         st = json.loads(r.stdout)
         assert st["entries"] == 3 and st["owner_processes"] == 1 and st["backend"] == "redis"
+        r = cli("stat", name, "--prometheus", "--url", url)      # what a Redis table tracks
+        assert r.returncode == 0, r.stderr
+        assert f'shmreg_entries{{table="{name}"}} 3' in r.stdout
+        assert "shmreg_segment_bytes" not in r.stdout              # no segment on a server
         r = cli("ls", "--url", url)
         assert r.returncode == 0 and name in r.stdout and "ENTRIES" in r.stdout
         r = cli("check", name, "--url", url)

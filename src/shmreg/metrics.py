@@ -90,14 +90,19 @@ def prometheus_text(table: Union[Table, Iterable[Table], dict, Iterable[dict]]) 
     """The metrics of ``table`` (a Table, a ``table_metrics`` dict, or an
     iterable of either) in the Prometheus text exposition format (0.0.4):
     ``# HELP`` and ``# TYPE`` once per metric, then one sample line
-    ``name{table="NAME"} value`` per table.  Ends with a newline."""
+    ``name{table="NAME"} value`` per table that reports it (a Redis table
+    has no segment: no ``shmreg_segment_bytes``).  Ends with a newline."""
     if isinstance(table, (Table, dict)):
         table = [table]
     snaps = [t if isinstance(t, dict) else table_metrics(t) for t in table]
     lines = []
     for name, kind, key, help_ in METRICS:
+        # A backend exposes what it tracks: a Redis table has no segment.
+        have = [s for s in snaps if s.get(key) is not None]
+        if not have:
+            continue
         lines.append(f"# HELP {name} {help_}")
         lines.append(f"# TYPE {name} {kind}")
-        for s in snaps:
+        for s in have:
             lines.append(f'{name}{{table="{_label(s["name"])}"}} {_number(s[key])}')
     return "\n".join(lines) + "\n"

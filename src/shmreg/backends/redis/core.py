@@ -16,6 +16,11 @@ from shmreg.backends.redis.connection import redis, scripts_for
 from shmreg.errors import (BackendUnavailableError, CorruptTableError, Error, LeaseLostError,
                            TableFullError)
 
+# Server states that mean "not available now", not "this command is wrong".
+_UNAVAILABLE = tuple(getattr(redis.exceptions, n) for n in
+                     ("ClusterDownError", "TryAgainError", "ReadOnlyError")
+                     if hasattr(redis.exceptions, n))
+
 _RAISE = object()
 _PAGE = 512
 _MIN64, _MAX64 = -(1 << 63), (1 << 63) - 1
@@ -92,6 +97,11 @@ class RedisCore:
             raise ValueError("operation on a closed table")
         try:
             return script(keys=[key], args=[self._p, *args])
+        except _UNAVAILABLE as e:
+            # Cluster down, a slot being moved, a read-only replica after a
+            # failover: the server cannot answer now (redis-py makes some
+            # of these ResponseErrors, caught below otherwise).
+            raise BackendUnavailableError(f"{self.url}: {e}") from e
         except redis.exceptions.ResponseError as e:
             msg = str(e)
             if "LEASE" in msg:
