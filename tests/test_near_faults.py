@@ -71,7 +71,7 @@ CHILD = """
                 try:
                     c.set(k, ver[k])
                     acks.append((k, ver[k], time.monotonic()))
-                except shmreg.Error:       # an outage (ClusterDownError is a plain Error)
+                except shmreg.BackendUnavailableError:   # an outage
                     out["errors"] += 1
                     time.sleep(0.01)
                 time.sleep(0.0005)
@@ -84,7 +84,7 @@ CHILD = """
                 t0 = time.monotonic()
                 try:
                     v = c.get(k)
-                except shmreg.Error:       # an outage (ClusterDownError is a plain Error)
+                except shmreg.BackendUnavailableError:   # an outage
                     out["errors"] += 1
                     time.sleep(0.01)
                     continue
