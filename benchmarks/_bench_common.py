@@ -41,6 +41,11 @@ import shmreg
 from shmreg import _benchdata
 
 N_ENTRIES = 100_000
+
+# The Redis/Valkey backend and near-cache benchmarks: 200 keys, 64-char values.
+REDIS_OPS = 200
+REDIS_KEYS = [f"key:{i:06d}" for i in range(REDIS_OPS)]
+REDIS_VALUE = "v" * 64
 KEY_LEN = _benchdata.KEY_BYTES
 VALUE_LEN = _benchdata.VALUE_BYTES
 OPS = 1_000                     # operations per timed call

@@ -76,6 +76,20 @@ def redis_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``server``: a Redis/Valkey server of one benchmark module's own
+    (``$SHMREG_REDIS_SERVER``, else redis-server on PATH), on a unix socket
+    in a tmp dir, stopped with the module."""
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install redis)")
+    server = bc.RedisServer(str(tmp_path_factory.mktemp("redis-module")),
+                            os.environ.get("SHMREG_REDIS_SERVER")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_store(dataset, redis_server):
     """A redis-py client of the private server, db 0 holding the data set."""

@@ -40,19 +40,8 @@ import shmreg
 
 redis = pytest.importorskip("redis")
 
-OPS = 200
-KEYS = [f"key:{i:06d}" for i in range(OPS)]
-VALUE = "v" * 64
+OPS, KEYS, VALUE = bc.REDIS_OPS, bc.REDIS_KEYS, bc.REDIS_VALUE
 RESULTS: dict = {}
-
-
-@pytest.fixture(scope="module")
-def server():
-    d = tempfile.mkdtemp(prefix="shmreg-bench-near-")
-    s = bc.RedisServer(d, os.environ.get("SHMREG_REDIS_SERVER")).start()
-    yield s
-    s.stop()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

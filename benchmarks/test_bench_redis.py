@@ -30,7 +30,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -41,18 +40,8 @@ import shmreg
 
 redis = pytest.importorskip("redis")
 
-OPS = 200
-KEYS = [f"key:{i:06d}" for i in range(OPS)]
-VALUE = "v" * 64
+OPS, KEYS, VALUE = bc.REDIS_OPS, bc.REDIS_KEYS, bc.REDIS_VALUE
 RESULTS: dict = {}
-
-
-@pytest.fixture(scope="module")
-def server():
-    d = tempfile.mkdtemp(prefix="shmreg-bench-redis-")
-    s = bc.RedisServer(d, os.environ.get("SHMREG_REDIS_SERVER")).start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")
