@@ -486,14 +486,16 @@ class Cache(MutableMapping[Any, T], Generic[T]):
         return decorate
 
 
-_shared: dict[str, Cache[Any]] = {}
+_shared: dict[tuple, Cache[Any]] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_cache(name: str, *, capacity: int | None = None,
-                 memory: int | None = None) -> Cache[Any]:
+def shared_cache(name: str, *, capacity: int | None = None, memory: int | None = None,
+                 url: str | None = None, near: bool | dict = False) -> Cache[Any]:
     """This process's one :class:`Cache` on table ``name`` (opened, or created
-    with ``capacity``/``memory`` if missing), shared by every caller.
+    with ``capacity``/``memory`` if missing), shared by every caller; with
+    ``url``, on that Redis/Valkey server, and with ``near``, behind this
+    host's near cache (see :class:`Cache`).
 
     For framework backends that make one backend object per thread or per
     request (Django, cachelib): they all use one attached table.  The cache
@@ -502,13 +504,14 @@ def shared_cache(name: str, *, capacity: int | None = None,
     handle it inherited (the mapping stays valid; per-process state is reset
     by the table's fork hook).
     """
-    cache = _shared.get(name)
+    key = (name, url, bool(near))
+    cache = _shared.get(key)
     if cache is None or cache.table.closed:
         with _shared_lock:
-            cache = _shared.get(name)
+            cache = _shared.get(key)
             if cache is None or cache.table.closed:
-                cache = Cache(name, ttl=None, capacity=capacity, memory=memory)
-                _shared[name] = cache  # noqa: SHM101 - per-process handles on a shared table
+                cache = Cache(name, ttl=None, capacity=capacity, memory=memory, url=url, near=near)
+                _shared[key] = cache  # noqa: SHM101 - per-process handles on a shared table
     return cache
 
 

@@ -54,6 +54,10 @@ class ShmregCache(BaseCache):
     :param key_prefix: prepended to every key (a str, or a callable returning one).
     :param capacity: entries the table is sized for (when this creates it).
     :param memory: bytes for keys and values (when this creates it).
+    :param url: a Redis/Valkey URL: the cache lives on that server, shared by
+        every host (Flask-Caching: ``CACHE_OPTIONS={"url": ...}``).
+    :param near: with ``url``: keep hot entries in this host's near cache,
+        kept coherent by the server (docs/near-cache.md).
     :param ignore_delete_many_errors: accepted for cachelib/Flask-Caching
         compatibility; ``delete_many`` cannot fail here (a key absent
         afterwards counts as deleted).
@@ -72,6 +76,7 @@ class ShmregCache(BaseCache):
     def __init__(self, name: str = "cachelib", default_timeout: Timeout = 300,
                  key_prefix: str | Callable[[], str] = "", *flask_caching_call: Any,
                  capacity: int | None = None, memory: int | None = None,
+                 url: str | None = None, near: bool | dict = False,
                  ignore_delete_many_errors: bool = True) -> None:
         if flask_caching_call and hasattr(name, "extensions") and isinstance(default_timeout, dict):
             # Flask-Caching before 2.5 calls a CACHE_TYPE class that is not
@@ -86,7 +91,8 @@ class ShmregCache(BaseCache):
         self.ignore_delete_many_errors = ignore_delete_many_errors
         self.default_timeout = self._seconds(300 if default_timeout is None else default_timeout)
         self.key_prefix = key_prefix
-        self._cache: Cache[Any] = shared_cache(name, capacity=capacity, memory=memory)
+        self._cache: Cache[Any] = shared_cache(name, capacity=capacity, memory=memory,
+                                               url=url, near=near)
         self._table = self._cache.table
 
     # -- keys and timeouts ------------------------------------------------------------

@@ -58,11 +58,15 @@ class ShmregCache(BaseCache):
     """Django cache backend over a shared-memory :class:`shmreg.Cache`.
 
     ``LOCATION`` is the table name (default ``"django-cache"``).  ``OPTIONS``:
-    ``MAX_ENTRIES`` (entries the table is sized for, default 65,536) and
-    ``memory`` (bytes for keys and values), both used only when the table is
-    created (an existing table keeps its geometry); ``SINGLE_FLIGHT_TIMEOUT``
-    (seconds a ``get_or_set`` waits for another process's computation before
-    computing itself, default 30).
+    ``MAX_ENTRIES`` (entries the table holds at most) and ``memory`` (bytes
+    for keys and values), both used only when the table is created (an
+    existing table keeps its limits; without either the table grows as
+    needed); ``SINGLE_FLIGHT_TIMEOUT`` (seconds a ``get_or_set`` waits for
+    another process's computation before computing itself, default 30);
+    ``URL`` (a Redis/Valkey URL: the cache lives on that server, shared by
+    every host) and ``NEAR`` (with ``URL``: ``True`` keeps hot entries in
+    this host's near cache, kept coherent by the server; see
+    docs/near-cache.md).
 
     Django makes one backend object per thread (and per async context); they
     all share this process's one attached table, so a backend object costs a
@@ -76,7 +80,10 @@ class ShmregCache(BaseCache):
         capacity = options.get("MAX_ENTRIES", options.get("max_entries"))
         memory = options.get("memory", options.get("MEMORY"))
         self._flight_timeout = float(options.get("SINGLE_FLIGHT_TIMEOUT", 30.0))
-        self._cache: Cache[Any] = shared_cache(self._name, capacity=capacity, memory=memory)
+        url = options.get("URL", options.get("url"))
+        near = options.get("NEAR", options.get("near", False))
+        self._cache: Cache[Any] = shared_cache(self._name, capacity=capacity, memory=memory,
+                                               url=url, near=near)
         self._table = self._cache.table
 
     # -- timeouts ------------------------------------------------------------------
