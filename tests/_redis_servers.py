@@ -48,10 +48,23 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """Lowest port the kernel hands out to outgoing connections (a port in
+    that range may be taken by any client socket between our check and the
+    server's bind)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A loopback port below 55536 whose bus port (+10000) is free too."""
+    """A free loopback port whose bus port (+10000) is free too, both below
+    the ephemeral range (and below 55536)."""
+    high = min(_ephemeral_low(), 55536) - 10000
     for _ in range(200):
-        port = random.randrange(20000, 55000)
+        port = random.randrange(10000, max(high, 10001))
         if _port_free(port) and _port_free(port + 10000):
             return port
     raise RuntimeError("no free port pair found")
@@ -70,6 +83,8 @@ class Server:
         self.dir = tempfile.mkdtemp(prefix="shmreg-redis-")
         self.sock = os.path.join(self.dir, "redis.sock")
         self.port = port or free_port()
+        self._auto_port = port is None
+        self._started_once = False
         self.cluster = cluster
         self.extra = extra
         self.proc: subprocess.Popen | None = None
@@ -91,6 +106,21 @@ class Server:
         return a + list(self.extra)
 
     def start(self, timeout: float = 15.0) -> "Server":
+        """Start the server and wait for it.  A port taken between our check
+        and the server's bind (another process won the race) gets a new
+        one, on a first start with a port we chose."""
+        for attempt in range(5):
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                if not (self._auto_port and not self._started_once and attempt < 4
+                        and "Address already in use" in self.log()):
+                    raise
+                self.port = free_port()
+                os.unlink(os.path.join(self.dir, "server.log"))
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "Server":
         import redis
 
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
@@ -100,6 +130,7 @@ class Server:
             try:
                 with redis.Redis(unix_socket_path=self.sock, socket_timeout=1) as c:
                     if c.ping():
+                        self._started_once = True
                         return self
             except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError,
                     FileNotFoundError):
