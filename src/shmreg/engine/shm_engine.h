@@ -179,7 +179,6 @@ static inline shm_ix_t shm_ix_of(const shm_view_t *v, uint32_t si, uint64_t g) {
     r.max_fill = shm_fill_limit(n);
     return r;
 }
-static inline shm_ix_t shm_ix(const shm_view_t *v, uint32_t si);   /* below shm_shard */
 static inline shm_ix_t shm_ix(const shm_view_t *v, uint32_t si) {
     return shm_ix_of(v, si, shm_load_rlx(&shm_shard(v, si)->geom));
 }

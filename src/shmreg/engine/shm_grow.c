@@ -62,7 +62,10 @@ int shm_fs_alloc(shm_view_t *v, uint64_t off, uint64_t len) {
 }
 
 void shm_fs_punch(shm_view_t *v, uint64_t off, uint64_t len) {
-    if (len == 0 || !v->grows) return;     /* a pre-sized table keeps all it has */
+    /* A pre-sized table has both index buffers allocated at creation
+     * (shm_plan_extent) and keeps all it has: a rebuild must not fail, nor
+     * a cache evict, because the filesystem is full. */
+    if (len == 0 || !v->grows) return;
     if (v->fd < 0) {
         /* Process memory: reading a punched range gives zeros, so do that. */
         memset(v->base + off, 0, len);
@@ -78,16 +81,8 @@ static uint64_t buf_off(const shm_view_t *v, uint32_t si, unsigned sel) {
     return (uint64_t)((const char *)shm_index_buf(v, si, sel) - v->base);
 }
 
-/* A pre-sized table has both index buffers allocated at creation
- * (shm_plan_extent) and keeps them: a rebuild must not fail, nor a cache
- * evict, because the filesystem is full. */
-static int table_grows(const shm_view_t *v) {
-    return v->grows;    /* as validated at attach (the plan's extents follow from it) */
-}
-
 void shm_punch_idle_index(shm_view_t *v, uint32_t si) {
     uint64_t g = shm_load_rlx(&shm_shard(v, si)->geom);
-    if (!table_grows(v)) return;
     shm_fs_punch(v, buf_off(v, si, (unsigned)((g >> 32) & 1) ^ 1), v->index_buf);
 }
 
@@ -101,14 +96,14 @@ int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots) {
     int r;
     if (!shm_geom_ok(v, g) || nslots < 8 || nslots > v->max_slots) return SHM_CORRUPT;
     if (sh->count >= shm_fill_limit(nslots)) return SHM_FULL;
-    if (table_grows(v) && v->fd >= 0) {
+    if (v->grows && v->fd >= 0) {
         /* Punched first (a no-op unless a failed resize left data there),
          * the idle buffer's new pages come zeroed: all EMPTY already. */
         shm_fs_punch(v, buf_off(v, si, sel), v->index_buf);
         r = shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8));
     } else {
         /* A pre-sized table allocated both buffers at creation. */
-        r = table_grows(v) ? shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8)) : SHM_OK;
+        r = v->grows ? shm_fs_alloc(v, buf_off(v, si, sel), page_up((uint64_t)nslots * 8)) : SHM_OK;
         if (r == SHM_OK)
             for (uint32_t i = 0; i < nslots; i++) shm_store_rlx(&nix[i], SHM_SLOT_EMPTY);
     }
@@ -141,7 +136,7 @@ int shm_resize_index(shm_view_t *v, uint32_t si, uint32_t nslots) {
     else sh->n_rebuilds++;
     /* The old buffer's memory goes back; a reader still probing it (it
      * will retry: seq moved) reads zeros. */
-    if (table_grows(v)) shm_fs_punch(v, buf_off(v, si, sel ^ 1), v->index_buf);
+    shm_fs_punch(v, buf_off(v, si, sel ^ 1), v->index_buf);
     return SHM_OK;
 }
 
@@ -196,7 +191,7 @@ int shm_compact_shard(shm_view_t *v, uint32_t si, int force, uint64_t *released)
      * move would copy items it cannot publish. */
     if (!shm_geom_ok(v, shm_load_rlx(&sh->geom)) || cap > v->arena_size || cap % SHM_PAGE || sh->top > cap)
         return SHM_CORRUPT;
-    if (!table_grows(v)) {
+    if (!v->grows) {
         /* A pre-sized table keeps its memory: only drop tombstones. */
         int rr = force && sh->tombs ? shm_resize_index(v, si, g.slots) : SHM_OK;
         return rr == SHM_FULL || rr == SHM_NOSPACE ? SHM_OK : rr;
