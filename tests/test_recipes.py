@@ -125,11 +125,16 @@ name, wid, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = shmreg.Table.open(name)
 counters = Counters(t)
 for i in range(1, k + 1):
+    if i % 500 == 0:
+        # Make sure flushes really happen while we count: wait for one that
+        # takes this very increment.  Read the flush count before counting,
+        # so a flusher quick enough to take it before we look still counts
+        # (read after, a flush could take our last increment unseen and we
+        # would wait for one that nothing is left to trigger).
+        seen = t.get("meta:flushes", 0)
     counters.incr("requests")
     counters.incr("bytes", wid + 1)
     if i % 500 == 0:
-        # Make sure flushes really happen while we count: wait for the next one.
-        seen = t.get("meta:flushes", 0)
         wait_for(lambda: t.get("meta:flushes", 0) > seen, timeout=60, message="a flush")
 t.update_counter("meta:done")
 """
