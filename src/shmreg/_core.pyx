@@ -1026,6 +1026,13 @@ cdef class CoreTable:
             shm_recbuf_free(&b)
             self.leave()
 
+    def _reap_stale(self):
+        """Delete the entries of owners that no longer hold their process
+        slot (freed or recycled) and return how many.  Never those of a dead
+        owner still in the process table: the watcher reports them through
+        ``on_death`` first (``_reap(0, ...)`` would take them from it)."""
+        return self._reap(SHM_OWNER_STALE, False)[0]
+
     # -- the watcher lease ---------------------------------------------------------
 
     def _lease(self, long timeout_ms):

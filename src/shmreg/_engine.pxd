@@ -167,6 +167,8 @@ cdef extern from "engine/shm_engine.h" nogil:
     ctypedef struct shm_holder_t:
         pass
     int shm_owner_alive(shm_view_t *v, uint32_t owner)
+    int shm_owner_current(shm_view_t *v, uint32_t owner)
+    uint32_t SHM_OWNER_STALE
     int shm_procs_lock(shm_view_t *v, int try_only)
     void shm_procs_unlock(shm_view_t *v)
     int shm_proc_claim_locked(shm_view_t *v, uint64_t pid, uint64_t start, int own_process,

@@ -244,7 +244,10 @@ class Watcher:
         for p in self.table._proc_table():
             if not p["alive"]:
                 n += self._reap(p)
-        n += self.table._reap(0, False)[0]   # leftovers of recycled slots
+        # Leftovers of recycled slots - not _reap(0): an owner that died
+        # since the loop above read the process table would be reaped
+        # without its on_death.
+        n += self.table._reap_stale()
         n += self.table.purge_expired()
         self.table._compact(False)
         return n

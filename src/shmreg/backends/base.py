@@ -135,6 +135,11 @@ class TableBackend(Protocol):
         """Delete (or only collect) the entries of dead ``owner`` (0: of
         every dead owner); ``(count, [(key, value, expires_ns, owner)])``."""
 
+    def _reap_stale(self) -> int:
+        """Delete the entries of owners no longer in the process table (left
+        over), never those of a dead owner still in it: the watcher's sweep,
+        which must not take a death from ``on_death``."""
+
     # -- the watcher lease --------------------------------------------------------
     def _lease(self, timeout_ms: int) -> bool:
         """Become the active watcher (of this table; on Redis, of this host)."""

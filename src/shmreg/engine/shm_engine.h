@@ -358,7 +358,11 @@ int shm_set_expiry(shm_view_t *v, uint32_t si, const shm_key_t *k, uint64_t expi
 void shm_clear_shard(shm_view_t *v, uint32_t si);
 /* Delete the expired (dead_too: and dead-owned) entries, never slot keep [GIL]. */
 long shm_purge_shard(shm_view_t *v, uint32_t si, uint64_t now, int64_t keep, int dead_too);
-/* Delete (and/or collect into b) the entries of owner (0: of every dead owner) [GIL]. */
+/* Delete (and/or collect into b) the entries of owner (0: of every dead owner;
+ * SHM_OWNER_STALE: of every owner whose process slot is no longer its own,
+ * freed or recycled - never of a dead owner still in the process table,
+ * whose entries are the watcher's to report) [GIL]. */
+#define SHM_OWNER_STALE 0xffffffffu
 int shm_reap_shard(shm_view_t *v, uint32_t si, uint32_t owner, shm_recbuf_t *b, int delete_, long *n);
 /* Unpublish slot pos (item at off): the one delete path [nogil]. */
 void shm_unpublish(shm_view_t *v, uint32_t si, int64_t pos, uint64_t off);
@@ -397,6 +401,8 @@ int shm_compact_shard(shm_view_t *v, uint32_t si, int force, uint64_t *released)
 
 /* Is owner alive [GIL: pidfd cache]?  0 is "not owned": alive. */
 int shm_owner_alive(shm_view_t *v, uint32_t owner);
+/* Does owner still hold its process slot (alive or not) [nogil]? */
+int shm_owner_current(shm_view_t *v, uint32_t owner);
 /* Claim a process slot for (pid, start) [GIL; takes the process-table lock,
  * may wait: the binding releases the GIL around a busy lock through
  * shm_procs_lock].  own_process: the caller, which then holds the slot's

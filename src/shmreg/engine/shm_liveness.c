@@ -138,6 +138,15 @@ static int foreign_alive(shm_view_t *v, uint32_t slot) {
     return 1;
 }
 
+int shm_owner_current(shm_view_t *v, uint32_t owner) {
+    uint32_t slot = shm_owner_slot(owner);
+    shm_proc_t *p;
+    if (slot >= SHM_NPROCS) return 0;
+    p = shm_proc(v, slot);
+    return shm_load32_rlx(&p->state) == SHM_PROC_LIVE &&
+           (shm_load32_rlx(&p->gen) & SHM_GEN_MASK) == shm_owner_gen(owner);
+}
+
 int shm_owner_alive(shm_view_t *v, uint32_t owner) {
     uint32_t slot;
     shm_proc_t *p;

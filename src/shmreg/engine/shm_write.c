@@ -442,7 +442,9 @@ int shm_reap_shard(shm_view_t *v, uint32_t si, uint32_t owner, shm_recbuf_t *b, 
         if (off <= SHM_SLOT_TOMB || !shm_item_ok(v, ar, off - 8)) continue;
         off -= 8;
         it = (const shm_item_t *)(ar + off);
-        if (it->owner == 0 || (owner ? it->owner != owner : shm_owner_alive(v, it->owner))) continue;
+        if (it->owner == 0) continue;
+        if (owner == SHM_OWNER_STALE ? shm_owner_current(v, it->owner)
+            : owner ? it->owner != owner : shm_owner_alive(v, it->owner)) continue;
         if (b && shm_recbuf_append(b, it, it->klen, it->vlen, ar + off + SHM_ITEM_HDR,
                                    ar + off + SHM_ITEM_HDR + it->vlen) < 0)
             return SHM_NOMEM;

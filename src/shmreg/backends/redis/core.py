@@ -530,6 +530,12 @@ class RedisCore:
                 recs.append((self._key_of(r[i]), self._decode(r[i + 1]), self._exp_ns(r[i + 2]), owner))
         return int(r[0]), (recs if collect else None)
 
+    def _reap_stale(self) -> int:
+        """Nothing to do here: a token leaves ``P:procs`` only after a reap
+        deleted its entries, and fencing refuses any owned write after its
+        lease is gone, so no entry outlives its token's place in the table."""
+        return 0
+
     def _release(self, owner: Any) -> bool:
         """Forget ``owner`` once its lease is gone (after its entries were reaped)."""
         self._pids.pop(owner, None)
