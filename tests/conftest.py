@@ -65,9 +65,11 @@ def redis_server():
     """One real server for the session (unix socket + loopback port)."""
     from _redis_servers import Server
 
-    s = Server().start()
-    yield s
-    s.cleanup()
+    s = Server()
+    try:
+        yield s.start()
+    finally:
+        s.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +77,8 @@ def redis_cluster():
     """A real 3-master Cluster for the session."""
     from _redis_servers import Cluster
 
-    c = Cluster().start()
-    yield c
-    c.cleanup()
+    c = Cluster()
+    try:
+        yield c.start()
+    finally:
+        c.cleanup()

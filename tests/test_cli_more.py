@@ -419,8 +419,10 @@ def test_top_renders_plain_frames_without_a_terminal(table):
     w = spawn_py(WRITER, table.name)
     try:
         wait_ready(w)
-        two, once = shmreg_many([["top", table.name, "--frames", "2", "--interval", "0.3"],
-                                 ["top", table.name, "--once", "--interval", "0.2"]])
+        # Intervals long enough that the writer is sure to run in each one
+        # on a loaded machine.
+        two, once = shmreg_many([["top", table.name, "--frames", "2", "--interval", "0.6"],
+                                 ["top", table.name, "--once", "--interval", "0.6"]])
     finally:
         finish(w)
     for r, n in ((two, 2), (once, 1)):

@@ -64,7 +64,7 @@ def test_gunicorn_workers_share_one_near_cache(redis_server, tmp_path):
                     if headers["X-Near"] == "hit":
                         near_hits += 1
                         hit_pids.add(body["pid"])
-                if len(hit_pids) > 1:
+                if len(hit_pids) > 1 and near_hits > 30:
                     break
         assert near_hits > 30
         assert len(hit_pids) > 1       # workers that never filled it hit it

@@ -27,7 +27,13 @@ def _near_ready(cache: shmreg.Cache) -> None:
 
 
 def _served_near(cache: shmreg.Cache, read, key, value) -> None:
-    """``read(key)`` returns ``value`` and, once filled, from the near table."""
+    """``read(key)`` returns ``value`` and, once filled, from the near table.
+
+    First the agent handles the invalidation of the test's own write (two
+    heartbeats): arriving after a fill, it would drop the copy between the
+    wait and the counted read."""
+    h = cache.table.ctl.get("heartbeats", 0)
+    wait_until(lambda: cache.table.ctl.get("heartbeats", 0) >= h + 2, 10, "two heartbeats")
     wait_until(lambda: read(key) == value and cache.table.near.get(key) is not None, 5,
                f"{key!r} in the near table")
     before = cache.stats()["near_hits"]

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -48,9 +47,11 @@ app = shmreg.uvicorn.wrap(_app)
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the ephemeral range: a port from bind(0) is in it, and any
+    # client socket can take it before the server binds (seen with Redis).
+    from _redis_servers import free_port
+
+    return free_port()
 
 
 def test_uvicorn_workers_register_are_reaped_and_clean_up(tmp_path):

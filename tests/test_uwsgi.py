@@ -60,9 +60,11 @@ def application(environ, start_response):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the ephemeral range: a port from bind(0) is in it, and any
+    # client socket can take it before the server binds (seen with Redis).
+    from _redis_servers import free_port
+
+    return free_port()
 
 
 class Uwsgi:
@@ -71,6 +73,8 @@ class Uwsgi:
         (tmp_path / "app.py").write_text(textwrap.dedent(APP))
         self.port = _free_port()
         self.stats_port = _free_port()
+        while self.stats_port == self.port:
+            self.stats_port = _free_port()
         self.log_path = tmp_path / "uwsgi.log"
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, T_PREFIX=self.prefix, T_MEMORY=str(memory))
