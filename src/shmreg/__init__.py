@@ -11,6 +11,7 @@ from shmreg import _core
 from shmreg.cache import Cache
 from shmreg.errors import (
     AlreadyRegisteredError,
+    AccessDeniedError,
     BackendUnavailableError,
     ConfigMismatchError,
     ConfigMismatchWarning,
@@ -66,6 +67,7 @@ __all__ = [
     "ConfigMismatchError",
     "ConfigMismatchWarning",
     "UntrustedTableError",
+    "AccessDeniedError",
     "BackendUnavailableError",
     "LeaseLostError",
     "EvictionPolicyWarning",

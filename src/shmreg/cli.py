@@ -109,7 +109,9 @@ def _open(name: str, args: argparse.Namespace) -> shmreg.Table:
         from shmreg._names import did_you_mean
 
         if _url(args):
-            raise shmreg.TableNotFoundError(e.errno, f"no table named {name!r} on {_url(args)}",
+            from shmreg.backends.redis.connection import redact
+
+            raise shmreg.TableNotFoundError(e.errno, f"no table named {name!r} on {redact(_url(args))}",
                                             e.filename) from None
 
         raise shmreg.TableNotFoundError(e.errno, f"no table named {name!r}{did_you_mean(name)}",

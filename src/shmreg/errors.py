@@ -95,6 +95,12 @@ class BackendUnavailableError(Error, ConnectionError):
     this was applied is unknown; writes that returned were acknowledged."""
 
 
+class AccessDeniedError(Error, PermissionError):
+    """The Redis/Valkey server refused this user: a wrong password or user
+    name (``WRONGPASS``), or an ACL that does not let it run a command the
+    table needs (``NOPERM``).  Not an outage: retrying will not help."""
+
+
 class LeaseLostError(Error):
     """An owned write of a Redis/Valkey table was refused: this process's
     lease expired (it was paused or cut off longer than ``lease_ttl``), so it

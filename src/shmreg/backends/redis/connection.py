@@ -19,12 +19,13 @@ twice; the caller gets :class:`~shmreg.BackendUnavailableError` instead.
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from shmreg.errors import BackendUnavailableError, EvictionPolicyWarning
+from shmreg.errors import AccessDeniedError, BackendUnavailableError, Error, EvictionPolicyWarning
 
 try:
     import redis
@@ -34,6 +35,43 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     redis = None
 
 from shmreg.backends.redis import scripts
+
+# The server refusing this user: redis-py's names for WRONGPASS/NOAUTH
+# (a ConnectionError subclass) and NOPERM (a ResponseError), where it has them.
+DENIED = tuple(getattr(redis.exceptions, n) for n in
+               ("AuthenticationError", "AuthorizationError", "NoPermissionError",
+                "AuthenticationWrongNumberOfArgsError")
+               if redis is not None and hasattr(redis.exceptions, n))
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, to show in messages and logs
+    (``redis://user:***@host/0``; ``password=`` query options too)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a malformed URL>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = user.split(":", 1)[0] + ":***@" + host
+    query = re.sub(r"(?i)(^|&)(password|ssl_password)=[^&]*", r"\1\2=***", parts.query)
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+def unavailable(url: str, e: BaseException) -> Error:
+    """The shmreg error for a redis-py error that is not about the table: the
+    server refusing this user (:class:`~shmreg.AccessDeniedError`), else the
+    server being away (:class:`~shmreg.BackendUnavailableError`)."""
+    if isinstance(e, DENIED) or str(e).startswith(("NOPERM", "WRONGPASS", "NOAUTH")):
+        # (redis-py strips the error code from the message: name it again.)
+        code = ("NOPERM" if type(e).__name__ == "NoPermissionError" or str(e).startswith("NOPERM")
+                else "WRONGPASS")
+        return AccessDeniedError(f"{redact(url)}: the server refused this user: {code} "
+                                 f"{str(e).removeprefix(code).strip()} (see docs/redis.md, ACL users)")
+    return BackendUnavailableError(f"{redact(url)}: {e}")
+
 
 _clients: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -58,7 +96,7 @@ def _sentinel_master(url: str, **options: Any) -> Any:
         hosts.append((host or hp, int(port or 26379)))
     path = [p for p in parts.path.split("/") if p]
     if not path:
-        raise ValueError(f"sentinel URL needs a service name: {url!r}")
+        raise ValueError(f"sentinel URL needs a service name: {redact(url)!r}")
     kwargs: dict[str, Any] = dict(options)
     if parts.username:
         kwargs["username"] = unquote(parts.username)
@@ -101,7 +139,7 @@ def _make(url: str) -> Any:
     if scheme == "redis+sentinel":
         return _sentinel_master(url, retry=_no_retry())
     if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"not a Redis/Valkey URL: {url!r} (redis://, rediss://, unix://, "
+        raise ValueError(f"not a Redis/Valkey URL: {redact(url)!r} (redis://, rediss://, unix://, "
                          "redis+cluster://, redis+sentinel://)")
     return redis.Redis.from_url(url, retry=_no_retry())
 
@@ -120,7 +158,7 @@ def check_eviction_policy(client: Any, url: str) -> None:
         return
     except redis.exceptions.ConnectionError as e:
         _checked_policy.discard(url)  # noqa: SHM101 - a per-process warn-once
-        raise BackendUnavailableError(f"{url}: {e}") from e
+        raise unavailable(url, e) from e
     # A cluster client answers per node: {node: {...}} or a merged dict.
     values = []
     for v in policies.values() if isinstance(policies, dict) else ():
@@ -129,7 +167,7 @@ def check_eviction_policy(client: Any, url: str) -> None:
                   for v in values} - {"noeviction"})
     if bad:
         warnings.warn(EvictionPolicyWarning(
-            f"{url}: maxmemory-policy is {', '.join(bad)}; shmreg tables need noeviction "
+            f"{redact(url)}: maxmemory-policy is {', '.join(bad)}; shmreg tables need noeviction "
             "(an evicted lease or index entry loses entries silently): "
             "CONFIG SET maxmemory-policy noeviction"), stacklevel=4)
 

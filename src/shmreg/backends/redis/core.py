@@ -12,7 +12,7 @@ from typing import Any
 from shmreg import _proc
 from shmreg._core import MISSING, Registration
 from shmreg.backends.redis import codec, leases
-from shmreg.backends.redis.connection import redis, scripts_for
+from shmreg.backends.redis.connection import DENIED, redact, redis, scripts_for, unavailable
 from shmreg.errors import (BackendUnavailableError, CorruptTableError, Error, LeaseLostError,
                            TableFullError)
 
@@ -97,11 +97,13 @@ class RedisCore:
             raise ValueError("operation on a closed table")
         try:
             return script(keys=[key], args=[self._p, *args])
+        except DENIED as e:
+            raise unavailable(self.url, e) from e
         except _UNAVAILABLE as e:
             # Cluster down, a slot being moved, a read-only replica after a
             # failover: the server cannot answer now (redis-py makes some
             # of these ResponseErrors, caught below otherwise).
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
         except redis.exceptions.ResponseError as e:
             msg = str(e)
             if "LEASE" in msg:
@@ -114,12 +116,12 @@ class RedisCore:
             if "OVERFLOW" in msg:
                 raise OverflowError("counter result does not fit in 64 bits") from None
             if msg.startswith("OOM"):
-                raise TableFullError(f"{self.url}: {msg}") from None
-            raise Error(f"{self.url}: {msg}") from e
+                raise TableFullError(f"{redact(self.url)}: {msg}") from None
+            raise Error(f"{redact(self.url)}: {msg}") from e
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
         except redis.exceptions.RedisError as e:   # cluster down, MOVED storms ...
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
 
     def _read(self, key: Any) -> list | None:
         """``[value, owner token or b'', pttl]`` of a live entry (one script)."""
@@ -151,9 +153,9 @@ class RedisCore:
             elif v is not None:
                 v = (v, b"")
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
         except redis.exceptions.RedisError as e:
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
         if v is None:
             self._misses += 1
             return None
@@ -498,7 +500,7 @@ class RedisCore:
             try:
                 info = self._client.hget(self._procs_key, owner)
             except redis.exceptions.RedisError as e:
-                raise BackendUnavailableError(f"{self.url}: {e}") from e
+                raise unavailable(self.url, e) from e
             if info is None:
                 return None
             pid = self._pids[owner] = self._parse_info(info)[1]
@@ -573,7 +575,7 @@ class RedisCore:
         try:
             v = self._client.get(self._wkey())
         except redis.exceptions.RedisError as e:
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
         try:
             return int(v.split(b":")[-2]) if v else None
         except (ValueError, IndexError):

@@ -196,7 +196,7 @@ class Agent:
             kw = client.connection_pool.connection_kwargs
             host, port = client.connection_pool.get_master_address()
             ep = {"host": host, "port": int(port), "username": kw.get("username"),
-                  "password": kw.get("password"), "tls": False}
+                  "password": kw.get("password"), "tls": None}
         return ep
 
     def _connect(self) -> RespConnection:

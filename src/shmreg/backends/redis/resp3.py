@@ -28,23 +28,51 @@ class Push(list):
     """A RESP3 out-of-band push (``>``): ``[b"invalidate", [keys] or None]``."""
 
 
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
+                "ssl_cert_reqs", "ssl_check_hostname")
+
+
 def endpoint_of_url(url: str) -> dict:
-    """``host``/``port`` or ``path``, ``username``, ``password``, ``tls`` of a
+    """``host``/``port`` or ``path``, ``username``, ``password`` and ``tls``
+    (None, or the URL's ``ssl_*`` options as redis-py reads them) of a
     ``redis://``, ``rediss://`` or ``unix://`` URL."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower().split("+")[0]
+    query = parse_qs(parts.query)
+    tls = ({k: query[k][0] for k in _TLS_OPTIONS if k in query}
+           if scheme == "rediss" else None)
     ep: dict[str, Any] = {"username": unquote(parts.username) if parts.username else None,
                           "password": unquote(parts.password) if parts.password else None,
-                          "tls": scheme == "rediss"}
+                          "tls": tls}
     if scheme == "unix":
         ep["path"] = unquote(parts.path)
-        q = parse_qs(parts.query)
-        if "password" in q and not ep["password"]:
-            ep["password"] = q["password"][0]
+        if "password" in query and not ep["password"]:
+            ep["password"] = query["password"][0]
     else:
         ep["host"] = parts.hostname or "localhost"
         ep["port"] = parts.port or 6379
     return ep
+
+
+def tls_context(options: dict) -> ssl.SSLContext:
+    """An SSL context from redis-py's ``ssl_*`` URL options, with redis-py's
+    meaning: certificates verified against ``ssl_ca_certs``/``ssl_ca_path``
+    (else the system's), ``ssl_cert_reqs`` none|optional|required, the host
+    name checked unless ``ssl_check_hostname`` is false, a client
+    certificate from ``ssl_certfile``/``ssl_keyfile``."""
+    ctx = ssl.create_default_context(cafile=options.get("ssl_ca_certs"),
+                                     capath=options.get("ssl_ca_path"))
+    reqs = str(options.get("ssl_cert_reqs", "required")).lower()
+    modes = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+    if reqs not in modes:
+        raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
+    check = str(options.get("ssl_check_hostname", "true")).lower() not in ("false", "0", "no")
+    ctx.check_hostname = check and reqs != "none"
+    ctx.verify_mode = modes[reqs]
+    if options.get("ssl_certfile"):
+        ctx.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"),
+                            options.get("ssl_password"))
+    return ctx
 
 
 class RespConnection:
@@ -53,7 +81,7 @@ class RespConnection:
 
     def __init__(self, *, host: str | None = None, port: int | None = None,
                  path: str | None = None, username: str | None = None,
-                 password: str | None = None, tls: bool = False,
+                 password: str | None = None, tls: dict | None = None,
                  connect_timeout: float = 2.0, name: str | None = None) -> None:
         if path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -62,8 +90,8 @@ class RespConnection:
         else:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if tls:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            if tls is not None:
+                sock = tls_context(tls).wrap_socket(sock, server_hostname=host)
         self._sock = sock
         self._buf = bytearray()
         self.closed = False

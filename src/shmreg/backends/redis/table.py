@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 from shmreg import _segment
 from shmreg._surface import TableSurface
-from shmreg.backends.redis.connection import check_eviction_policy, connect, redis, require_redis
+from shmreg.backends.redis.connection import (check_eviction_policy, connect, redact, redis,
+                                              require_redis, unavailable)
 from shmreg.backends.redis.core import RedisCore
-from shmreg.errors import (BackendUnavailableError, CorruptTableError, TableExistsError,
-                           TableNotFoundError)
+from shmreg.errors import CorruptTableError, TableExistsError, TableNotFoundError
 from shmreg.trust import Trust
 
 __all__ = ["RedisTable", "list_tables"]
@@ -71,13 +71,13 @@ class RedisTable(TableSurface, RedisCore):
         try:
             if _how == "open":
                 if not self._client.exists(meta):
-                    raise TableNotFoundError(f"no table {name!r} on {url}")
+                    raise TableNotFoundError(f"no table {name!r} on {redact(url)}")
             else:
                 created = self._client.hsetnx(meta, "created_ms", int(time.time() * 1000))
                 if not created and _how == "create":
-                    raise TableExistsError(f"table {name!r} already exists on {url}")
+                    raise TableExistsError(f"table {name!r} already exists on {redact(url)}")
         except redis.exceptions.RedisError as e:
-            raise BackendUnavailableError(f"{url}: {e}") from e
+            raise unavailable(url, e) from e
 
     @classmethod
     def create(cls, name: str, **options: Any) -> "RedisTable":
@@ -113,12 +113,12 @@ class RedisTable(TableSurface, RedisCore):
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<shmreg.Table {self.name!r} on {self.url} {state}>"
+        return f"<shmreg.Table {self.name!r} on {redact(self.url)} {state}>"
 
     @property
     def path(self) -> str:
         """Where the table lives: its URL and key prefix."""
-        return f"{self.url} {self._p}"
+        return f"{redact(self.url)} {self._p}"
 
     @property
     def capacity(self) -> int:
@@ -141,7 +141,7 @@ class RedisTable(TableSurface, RedisCore):
         try:
             mem = self._client.info("memory")
         except redis.exceptions.RedisError as e:
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
         if mem and all(isinstance(v, dict) for v in mem.values()):   # cluster: per node
             mem = next(iter(mem.values()))
         procs = self._proc_table()
@@ -180,7 +180,7 @@ class RedisTable(TableSurface, RedisCore):
         try:
             owners = self._client.hvals(self._p + ":own")
         except redis.exceptions.RedisError as e:
-            raise BackendUnavailableError(f"{self.url}: {e}") from e
+            raise unavailable(self.url, e) from e
         for o in owners:
             if o.decode("ascii", "replace") not in known:
                 raise CorruptTableError(f"table {self.name!r}: an entry is owned by unknown "
@@ -198,7 +198,7 @@ def list_tables(url: str) -> list:
     try:
         keys = list(client.scan_iter(match="{shmreg:*}:meta", count=1000))
     except redis.exceptions.RedisError as e:
-        raise BackendUnavailableError(f"{url}: {e}") from e
+        raise unavailable(url, e) from e
     names = set()
     for k in keys:
         k = k.decode("utf-8", "replace") if isinstance(k, bytes) else k
