@@ -33,6 +33,7 @@ def test_stopped_lock_holder_is_not_robbed(table_name):
         t["k"] = "new"      # freezes after publishing, lock held, seq odd
         print("done", flush=True)
     """, table_name, env={"SHMREG_CRASH_AT": "set:published", "SHMREG_CRASH_SIGNAL": "STOP"})
+    writer = None
     try:
         _wait_stopped(holder.pid)
 
@@ -69,8 +70,8 @@ def test_stopped_lock_holder_is_not_robbed(table_name):
         assert t.stats()["repairs"] == 0  # nobody mistook the stopped holder for dead
         t.check()
     finally:
-        for p in (holder,):
-            if p.poll() is None:
+        for p in (holder, writer):
+            if p is not None and p.poll() is None:
                 os.kill(p.pid, signal.SIGCONT)
                 p.kill()
                 p.communicate(timeout=30)
@@ -84,8 +85,10 @@ def test_killed_while_stopped_is_repaired(table_name):
         import shmreg, sys
         shmreg.Table.open(sys.argv[1])["k"] = "new"
     """, table_name, env={"SHMREG_CRASH_AT": "set:written", "SHMREG_CRASH_SIGNAL": "STOP"})
-    _wait_stopped(holder.pid)
-    os.kill(holder.pid, signal.SIGKILL)
+    try:
+        _wait_stopped(holder.pid)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)     # (also when the wait failed: never left stopped)
     holder.communicate(timeout=30)
     assert holder.returncode == -signal.SIGKILL
     # The write had not been published: the old value stays, the block is freed.
