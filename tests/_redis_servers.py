@@ -178,8 +178,9 @@ class Server:
 class Cluster:
     """Three masters, slots 0-5460 / 5461-10922 / 10923-16383."""
 
-    def __init__(self) -> None:
-        self.nodes = [Server(cluster=True) for _ in range(3)]
+    def __init__(self, make_node=None) -> None:
+        make_node = make_node or (lambda: Server(cluster=True))
+        self.nodes = [make_node() for _ in range(3)]
 
     @property
     def url(self) -> str:
@@ -229,8 +230,9 @@ class TlsServer(Server):
     ``trustme``; its unix socket stays plain, for the fixture's own checks).
     ``url`` is the ``rediss://`` URL verifying the server against the CA."""
 
-    def __init__(self, ca_file: str, cert_file: str, key_file: str, binary: str) -> None:
-        super().__init__(binary=binary)
+    def __init__(self, ca_file: str, cert_file: str, key_file: str, binary: str,
+                 cluster: bool = False) -> None:
+        super().__init__(binary=binary, cluster=cluster)
         self.ca_file, self.cert_file, self.key_file = ca_file, cert_file, key_file
 
     @property
@@ -242,7 +244,21 @@ class TlsServer(Server):
         return super().args() + [
             "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert_file,
             "--tls-key-file", self.key_file, "--tls-ca-cert-file", self.ca_file,
-            "--tls-auth-clients", "no"]
+            "--tls-auth-clients", "no"] + (["--tls-cluster", "yes"] if self.cluster else [])
+
+
+class TlsCluster(Cluster):
+    """Three TLS masters (client port and cluster bus); ``url`` is the
+    ``rediss+cluster://`` URL verifying them against the CA."""
+
+    def __init__(self, ca_file: str, cert_file: str, key_file: str, binary: str) -> None:
+        super().__init__(lambda: TlsServer(ca_file, cert_file, key_file, binary, cluster=True))
+        self.ca_file = ca_file
+
+    @property
+    def url(self) -> str:
+        return (f"rediss+cluster://127.0.0.1:{self.nodes[0].port}?ssl_ca_certs={self.ca_file}"
+                "&ssl_cert_reqs=required")
 
 
 def start_tls_server(ca_file: str, cert_file: str, key_file: str) -> TlsServer | None:

@@ -49,6 +49,18 @@ def tls_server(certs):
         s.cleanup()
 
 
+@pytest.fixture(scope="module")
+def tls_cluster(certs, tls_server):
+    """A 3-master Cluster speaking TLS only, on the binary of ``tls_server``."""
+    from _redis_servers import TlsCluster
+
+    c = TlsCluster(*certs[:3], tls_server.binary)
+    try:
+        yield c.start()
+    finally:
+        c.cleanup()
+
+
 def _near_serves(cache: shmreg.Cache, key, value) -> None:
     """Wait until ``cache`` serves ``key`` from its near table (after the
     agent handled every earlier write's invalidation: two heartbeats)."""
@@ -104,13 +116,20 @@ def test_a_certificate_that_does_not_verify_is_refused(tls_server, certs):
         shmreg.Table(unique_name("plain"), url=plain)["k"] = 1
 
 
-def test_near_cache_over_tls(tls_server):
+def test_tables_registry_and_cache_on_a_tls_cluster(tls_cluster):
+    assert tls_cluster.url.startswith("rediss+cluster://")
+    _exercise(tls_cluster.url)
+
+
+@pytest.mark.parametrize("where", ["server", "cluster"])
+def test_near_cache_over_tls(request, where):
     """The agent's own RESP3 connection speaks TLS with the URL's ssl_*
     options (it used the system's CAs only, and never came up against a
-    private CA)."""
+    private CA); on a Cluster, to the master of the table's slot."""
+    url = request.getfixturevalue(f"tls_{where}").url
     name = unique_name("tls-near")
-    c = shmreg.Cache(name, url=tls_server.url, near=True, ttl=60)
-    other = shmreg.Cache(name, url=tls_server.url, ttl=60)      # another host's writer
+    c = shmreg.Cache(name, url=url, near=True, ttl=60)
+    other = shmreg.Cache(name, url=url, ttl=60)      # another host's writer
     try:
         c.table.start()
         other.set("k", 1)
