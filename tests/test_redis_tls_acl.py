@@ -156,6 +156,8 @@ def test_tls_options_of_the_url_build_the_agents_context(certs):
     assert endpoint_of_url("redis://h:7000/0")["tls"] is None
     strict = tls_context(endpoint_of_url("rediss://h/0")["tls"])
     assert strict.verify_mode == ssl.CERT_REQUIRED and strict.check_hostname is True
+    lax = tls_context({"ssl_cert_reqs": "none"})      # (check_hostname goes off first)
+    assert lax.verify_mode == ssl.CERT_NONE and lax.check_hostname is False
     with pytest.raises(ValueError, match="ssl_cert_reqs"):
         tls_context({"ssl_cert_reqs": "sometimes"})
 
