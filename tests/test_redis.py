@@ -430,12 +430,25 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path):
         sentinel = redis.Redis(host="127.0.0.1", port=port)
         wait_until(lambda: _sentinel_ready(sentinel), 15, "sentinel to answer")
         sentinel.close()
-        url = f"redis+sentinel://127.0.0.1:{port}/shmreg-test/0"
+        # Two Sentinels named (the second is down): the first one answers.
+        url = f"redis+sentinel://127.0.0.1:{port},127.0.0.1:{free_port()}/shmreg-test/0"
         with shmreg.Table(unique_name("sent"), url=url) as t:
             t["k"] = "through sentinel"
             with shmreg.Table(t.name, url=redis_server.url) as direct:
                 assert direct["k"] == "through sentinel"
             t.unlink()
+        # A near cache finds the master through the Sentinels too (its agent
+        # once parsed the URL as one host:port and stopped on the list).
+        c = shmreg.Cache(unique_name("sent-near"), url=url, near=True, ttl=60)
+        try:
+            c.set("n", 1)
+            wait_until(lambda: c.table.near_stats()["near_state"] == "ready", 20, "the near cache")
+            wait_until(lambda: c.get("n") == 1 and c.table.near.get("n") == 1, 10, "a fill")
+            c.set("n", 2)                       # the write drops the local copy
+            assert c.get("n") == 2
+        finally:
+            c.unlink()
+            c.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -182,21 +182,21 @@ class Agent:
 
     def _endpoint(self) -> dict:
         """Where the master of the table's slot is, and how to log in."""
-        url = self.table.url
         client = self.table._client
-        scheme = url.split("://", 1)[0].lower()
-        ep = endpoint_of_url(url.replace(scheme, scheme.split("+")[0], 1) if "+" in scheme else url)
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None and hasattr(pool, "get_master_address"):   # Sentinel
+            # (Not from the URL: it names the Sentinels, often several.)
+            kw = pool.connection_kwargs
+            host, port = pool.get_master_address()
+            return {"host": host, "port": int(port), "username": kw.get("username"),
+                    "password": kw.get("password"), "tls": None}
+        ep = endpoint_of_url(self.table.url)
         if hasattr(client, "get_node_from_key"):          # a Cluster
             if self._moved_to is not None:
                 ep["host"], ep["port"] = self._moved_to
             else:
                 node = client.get_node_from_key(self.hb_key)
                 ep["host"], ep["port"] = node.host, int(node.port)
-        elif hasattr(client.connection_pool, "get_master_address"):   # Sentinel
-            kw = client.connection_pool.connection_kwargs
-            host, port = client.connection_pool.get_master_address()
-            ep = {"host": host, "port": int(port), "username": kw.get("username"),
-                  "password": kw.get("password"), "tls": None}
         return ep
 
     def _connect(self) -> RespConnection:
