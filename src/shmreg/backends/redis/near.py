@@ -82,7 +82,8 @@ class NearTable:
                           trust=table.trust)
         self.ctl = Table(self.ctl_name, mode=table.mode, trust=table.trust)
         self._cget = self.ctl.get
-        self.get = _hot_get(self.near.get, self._miss)   # type: ignore[method-assign]
+        # get(key, default=None): the hit path, a closure (see _hot_get).
+        self.get = _hot_get(self.near.get, self._miss)
         self._placeholders_seen = 0  # near-table hits that were placeholders (misses)
         self.near_misses = 0     # reads that went to the server
         self.near_fills = 0      # values this process installed
@@ -115,14 +116,6 @@ class NearTable:
         return self
 
     # -- reads ---------------------------------------------------------------------
-
-    def get(self, key: Any, default: Any = None) -> Any:  # replaced per instance by _hot_get
-        """The value of ``key``: from the near table if it holds it, else from
-        the server (filling the near table when the agent is ready)."""
-        v = self.near.get(key, MISSING)
-        if v is not MISSING and (v.__class__ is not bytes or not v.startswith(MAGIC)):
-            return v
-        return self._miss(key, default, v)
 
     @property
     def near_hits(self) -> int:
