@@ -15,6 +15,7 @@ import pytest
 
 import shmreg
 from _helpers import spawn_py, stop_process_tree, unique_name, wait_until
+from _near_helpers import filled
 
 redis = pytest.importorskip("redis")   # the test extra installs it: never skipped in CI
 from shmreg.backends.redis.near import MAGIC, near_status  # noqa: E402
@@ -37,24 +38,6 @@ def node_of(server, cache):
                 return c
         raise AssertionError("no node holds the cache's keys")
     return server.client()
-
-
-def synced(cache):
-    """Wait until the agent handled the invalidations of every write
-    acknowledged so far: two heartbeat round trips (the server queues a
-    write's invalidation before its reply, and the heartbeat's reply comes
-    after it on the agent's connection)."""
-    h = cache.table.ctl.get("heartbeats", 0)
-    wait_until(lambda: cache.table.ctl.get("heartbeats", 0) >= h + 2, 5, "two heartbeats")
-
-
-def filled(cache, key, value):
-    """Read ``key`` until its value is in the near table, once earlier
-    writes' invalidations are handled (one arriving after a fill deletes
-    it, correctly: the fill cannot tell it is about an older write)."""
-    synced(cache)
-    wait_until(lambda: cache.get(key) == value and cache.table.near.get(key) == value, 5,
-               f"{key!r} to be filled")
 
 
 def ready(cache, timeout=10.0, after_epoch=-1):

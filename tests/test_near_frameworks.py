@@ -10,6 +10,7 @@ import pytest
 
 import shmreg
 from _helpers import unique_name, wait_until
+from _near_helpers import served_near
 
 redis = pytest.importorskip("redis")   # the test extra installs it: never skipped in CI
 
@@ -26,21 +27,6 @@ def _near_ready(cache: shmreg.Cache) -> None:
     wait_until(lambda: cache.table.near_stats()["near_state"] == "ready", 10, "the near cache")
 
 
-def _served_near(cache: shmreg.Cache, read, key, value) -> None:
-    """``read(key)`` returns ``value`` and, once filled, from the near table.
-
-    First the agent handles the invalidation of the test's own write (two
-    heartbeats): arriving after a fill, it would drop the copy between the
-    wait and the counted read."""
-    h = cache.table.ctl.get("heartbeats", 0)
-    wait_until(lambda: cache.table.ctl.get("heartbeats", 0) >= h + 2, 10, "two heartbeats")
-    wait_until(lambda: read(key) == value and cache.table.near.get(key) is not None, 5,
-               f"{key!r} in the near table")
-    before = cache.stats()["near_hits"]
-    assert read(key) == value
-    assert cache.stats()["near_hits"] > before
-
-
 def test_django_cache_on_a_server_with_a_near_cache(redis_server):
     name = unique_name("dj-near")
     dj = DjangoCache(name, {"TIMEOUT": 60, "OPTIONS": {"URL": redis_server.url, "NEAR": True}})
@@ -51,7 +37,7 @@ def test_django_cache_on_a_server_with_a_near_cache(redis_server):
         _near_ready(cache)
         key = dj.make_key("page")                  # what Django stores under
         dj.set("page", {"html": "<p>1</p>"})
-        _served_near(cache, lambda _k: dj.get("page"), key, {"html": "<p>1</p>"})
+        served_near(cache, key, {"html": "<p>1</p>"}, read=lambda _k: dj.get("page"))
         assert dj.add("page", "no") is False
         dj.set("n", 1)
         assert dj.incr("n", 5) == 6
@@ -77,7 +63,7 @@ def test_cachelib_cache_on_a_server_with_a_near_cache(redis_server):
         cache = cl.shmreg_cache
         _near_ready(cache)
         assert cl.set("answer", 41)
-        _served_near(cache, cl.get, "answer", 41)
+        served_near(cache, "answer", 41, read=cl.get)
         assert cl.inc("answer") == 42
         wait_until(lambda: cl.get("answer") == 42, 5, "the new value")
         other.set("answer", 7)                     # another host writes

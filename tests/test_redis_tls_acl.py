@@ -15,6 +15,7 @@ import pytest
 
 import shmreg
 from _helpers import unique_name, wait_until
+from _near_helpers import served_near
 
 pytest.importorskip("redis")   # the test extra installs it: never skipped in CI
 trustme = pytest.importorskip("trustme")
@@ -62,16 +63,9 @@ def tls_cluster(certs, tls_server):
 
 
 def _near_serves(cache: shmreg.Cache, key, value) -> None:
-    """Wait until ``cache`` serves ``key`` from its near table (after the
-    agent handled every earlier write's invalidation: two heartbeats)."""
+    """Wait until ``cache``'s near cache is up, then serves ``key`` from it."""
     wait_until(lambda: cache.table.near_stats()["near_state"] == "ready", 20, "the near cache")
-    h = cache.table.ctl.get("heartbeats", 0)
-    wait_until(lambda: cache.table.ctl.get("heartbeats", 0) >= h + 2, 10, "two heartbeats")
-    wait_until(lambda: cache.get(key) == value and cache.table.near.get(key) == value, 10,
-               f"{key!r} in the near table")
-    before = cache.stats()["near_hits"]
-    assert cache.get(key) == value
-    assert cache.stats()["near_hits"] > before
+    served_near(cache, key, value)
 
 
 def _exercise(url: str) -> None:

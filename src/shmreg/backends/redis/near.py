@@ -191,9 +191,6 @@ class NearTable:
             return
         self.near_fills += 1
 
-    def _get_stale(self, key: Any, default: Any = None) -> Any:
-        return self._t._get_stale(key, default)
-
     # -- writes: to the server, then drop the local copy ----------------------------
 
     def _drop(self, key: Any) -> None:

@@ -158,14 +158,6 @@ class RespConnection:
             del self._buf[:end]
             return value
 
-    def pending(self) -> bool:
-        """True if a complete frame is buffered already."""
-        try:
-            _parse(self._buf, 0)
-            return True
-        except _Incomplete:
-            return False
-
 
 class _Incomplete(Exception):
     pass
