@@ -43,11 +43,13 @@ def application(environ, start_response):
     if path not in ("/work", "/hold"):
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
+    # Counted before it is in progress: whoever sees it in progress (the
+    # test, before it SIGKILLs the worker) knows it was counted.
+    REQUESTS.labels(path).inc()
     with IN_PROGRESS.track_inprogress():
         q = parse_qs(environ.get("QUERY_STRING", ""))
         i = int(q.get("i", ["0"])[0])
         v = float(q.get("v", ["0"])[0])
-        REQUESTS.labels(path).inc()
         if path == "/hold":
             time.sleep(float(q.get("s", ["1"])[0]))
             start_response("200 OK", [("Content-Type", "application/json")])
